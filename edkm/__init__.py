@@ -1,0 +1,56 @@
+"""edkm: memory-efficient train-time weight clustering (eDKM palettization) for LLMs.
+
+The public API is loaded lazily so that ``import edkm`` stays light: it imports torch but
+neither ``transformers`` nor ``triton``, and never queries CUDA.
+
+Example:
+    >>> import edkm
+    >>> cfg = edkm.DKMConfig(bits=3)
+    >>> cfg.bits
+    3
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "DKMConfig": "edkm.config",
+    "dkm_soft": "edkm.dkm",
+    "palettize_": "edkm.palettize",
+    "finalize": "edkm.palettize",
+    "save_palettized": "edkm.export",
+    "load_palettized": "edkm.export",
+    "PalettizedLinear": "edkm.export",
+    "perplexity": "edkm.evaluate",
+    "TrainConfig": "edkm.train_config",
+    "compress": "edkm.compress",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edkm.compress import compress
+    from edkm.config import DKMConfig
+    from edkm.dkm import dkm_soft
+    from edkm.evaluate import perplexity
+    from edkm.export import PalettizedLinear, load_palettized, save_palettized
+    from edkm.palettize import finalize, palettize_
+    from edkm.train_config import TrainConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edkm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
