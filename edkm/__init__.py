@@ -31,7 +31,18 @@ _EXPORTS: dict[str, str] = {
     "compress": "edkm.compress",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DKMConfig",
+    "PalettizedLinear",
+    "TrainConfig",
+    "compress",
+    "dkm_soft",
+    "finalize",
+    "load_palettized",
+    "palettize_",
+    "perplexity",
+    "save_palettized",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from edkm.compress import compress

@@ -76,16 +76,19 @@ def _build_eval(sub: argparse._SubParsersAction) -> None:
         help="which documents to score: the held-out split (never used for training), the "
         "training split, or all of them",
     )
-    p.add_argument(
-        "--seq-len", type=int, default=512, help="tokens per window (at least 2)"
-    )
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (at least 2)")
     p.add_argument(
         "--max-windows",
         type=_positive_int("--max-windows"),
         default=None,
         help="score only the first N windows (all windows when not given)",
     )
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=4, help="windows per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("--batch-size"),
+        default=4,
+        help="windows per forward pass",
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -125,7 +128,16 @@ def _run_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     if args.json:
-        print(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split, **result.to_dict()}))
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "data": str(args.data),
+                    "split": args.split,
+                    **result.to_dict(),
+                }
+            )
+        )
     else:
         print(
             f"perplexity {result.ppl:.4f} on the {args.split} split of {args.data} "
@@ -155,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_builders() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return []
+    from edkm.cli_compress import build_compress
+
+    return [build_compress]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,7 +76,9 @@ def perplexity_of_blocks(
     total = 0.0
     count = 0
     try:
-        with progress(total=blocks.shape[0], desc=desc, unit="win", disable=not show_progress) as bar:
+        with progress(
+            total=blocks.shape[0], desc=desc, unit="win", disable=not show_progress
+        ) as bar:
             for start in range(0, blocks.shape[0], batch_size):
                 batch = blocks[start : start + batch_size].to(device)
                 logits = model(input_ids=batch).logits
@@ -135,6 +137,4 @@ def perplexity(
         >>> perplexity(model, tok, load_split().eval_text, max_windows=8).ppl  # doctest: +SKIP
     """
     blocks = eval_blocks(tokenizer, text, seq_len=seq_len, max_windows=max_windows)
-    return perplexity_of_blocks(
-        model, blocks, batch_size=batch_size, show_progress=show_progress
-    )
+    return perplexity_of_blocks(model, blocks, batch_size=batch_size, show_progress=show_progress)

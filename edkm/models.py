@@ -39,10 +39,16 @@ _COMPLETE_MARKER = ".edkm-complete"
 
 
 def set_offline() -> None:
-    """Make Hugging Face libraries fail fast instead of reaching for the network."""
+    """Make Hugging Face libraries fail fast instead of reaching for the network.
+
+    Also silences transformers' per-tensor loading bars: edkm shows its own progress.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def cache_dir() -> Path:
@@ -126,7 +132,9 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
     if not path.exists():
         raise InputError(f"model path '{spec}' does not exist")
     if not path.is_dir():
-        raise InputError(f"model path '{spec}' is not a folder (expected a Hugging Face model folder)")
+        raise InputError(
+            f"model path '{spec}' is not a folder (expected a Hugging Face model folder)"
+        )
     if not (path / "config.json").is_file():
         raise InputError(
             f"'{spec}' is not a Hugging Face model folder: it has no config.json "

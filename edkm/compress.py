@@ -1,0 +1,248 @@
+"""The main job: fine-tune a model with DKM, ship it palettized, and report what it cost.
+
+``compress(recipe, out=...)`` (and ``edkm compress``) runs, in one process:
+
+1. checks every input before any work (recipe, output folder, data long enough for a block);
+2. measures the original model and post-training baselines at the same bits (round-to-nearest
+   per tensor and per group of 128, and k-means) on the held-out text;
+3. palettizes the selected layers and fine-tunes them with DKM (:mod:`edkm.train`), with
+   resumable checkpoints;
+4. measures the soft (DKM) model, finalizes it (hard assignment), saves LUT + packed indices
+   with :func:`edkm.save_palettized`, reloads that folder from disk and measures the reloaded
+   model: that is the figure a user gets;
+5. writes ``report.json`` and ``report.md`` in the output folder.
+
+Output folder layout: ``run.json`` (the recipe), ``train_log.jsonl``, ``checkpoints/``,
+``baselines.json`` (kept so a resumed run does not measure them again), ``model/`` (the
+palettized model and its tokenizer), ``report.json``, ``report.md``.
+
+Example:
+    >>> from edkm.compress import compress
+    >>> from edkm.train_config import Recipe
+    >>> report = compress(Recipe(), out="runs/smollm2-3bit")  # doctest: +SKIP
+    >>> report["results"]["edkm_hard_reloaded"]["ppl"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edkm.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
+from edkm.errors import InputError
+from edkm.evaluate import PerplexityResult, eval_blocks, perplexity_of_blocks
+from edkm.models import load_model
+from edkm.report import write_report
+from edkm.train import train
+from edkm.train_config import Recipe
+
+RUN_FILE = "run.json"
+BASELINES_FILE = "baselines.json"
+MODEL_DIR = "model"
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an output folder holding another run needs ``resume`` or ``overwrite``.
+
+    Example:
+        >>> prepare_output(Path("runs/x"), Recipe(), resume=False, overwrite=False)  # doctest: +SKIP
+    """
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path '{out}' exists and is not a folder")
+    run_file = out / RUN_FILE
+    holds_files = out.is_dir() and any(out.iterdir())
+    if holds_files and overwrite:
+        if not run_file.is_file() and not (out / "report.json").is_file():
+            raise InputError(
+                f"output folder '{out}' holds files that are not an edkm run; "
+                "refusing to delete them with --overwrite (choose another --out)"
+            )
+        shutil.rmtree(out)
+    elif holds_files and resume:
+        if not run_file.is_file():
+            raise InputError(f"cannot resume: '{out}' holds no edkm run ({RUN_FILE} is missing)")
+        previous = json.loads(run_file.read_text())
+        if previous.get("recipe") != recipe.to_dict():
+            raise InputError(
+                f"cannot resume: the recipe differs from the one '{out}' was started with "
+                f"(see {run_file}); use --overwrite to start over"
+            )
+    elif holds_files:
+        raise InputError(
+            f"output folder '{out}' already holds a run or other files; "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not run_file.is_file():
+        _atomic_json(run_file, {"format": "edkm-run", "version": 1, "recipe": recipe.to_dict()})
+
+
+def _peak_memory() -> dict[str, float]:
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_initialized():
+        peak["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _eval(
+    model: torch.nn.Module, blocks: torch.Tensor, recipe: Recipe, label: str
+) -> PerplexityResult:
+    return perplexity_of_blocks(model, blocks, batch_size=recipe.eval.batch_size, desc=label)
+
+
+def _load_inputs(recipe: Recipe, tokenizer: Any) -> tuple[TextSplit, torch.Tensor, torch.Tensor]:
+    split = split_documents(load_documents(recipe.data), recipe.eval_fraction)
+    ids = tokenize(tokenizer, split.train_text)
+    if recipe.train.max_train_tokens:
+        ids = ids[: recipe.train.max_train_tokens]
+    train_blocks = token_blocks(ids, recipe.train.seq_len, what="the training text")
+    windows = recipe.eval.max_windows or None
+    eval_ids = eval_blocks(
+        tokenizer, split.eval_text, seq_len=recipe.eval.seq_len, max_windows=windows
+    )
+    return split, train_blocks, eval_ids
+
+
+def _baselines(
+    model: torch.nn.Module, eval_ids: torch.Tensor, recipe: Recipe, out: Path
+) -> dict[str, Any]:
+    from edkm.baselines import kmeans_, rtn_
+
+    cached = out / BASELINES_FILE
+    if cached.is_file():
+        data: dict[str, Any] = json.loads(cached.read_text())
+        if data.get("recipe") == recipe.to_dict():
+            return dict(data["results"])
+    bits = recipe.dkm.bits
+    results: dict[str, Any] = {"original": _eval(model, eval_ids, recipe, "original").to_dict()}
+    if recipe.eval.baselines:
+        runs = {
+            f"rtn_{bits}bit_per_tensor": lambda m: rtn_(m, bits, config=recipe.dkm),
+            f"rtn_{bits}bit_group128": lambda m: rtn_(m, bits, group_size=128, config=recipe.dkm),
+            f"kmeans_{bits}bit_per_tensor": lambda m: kmeans_(m, bits, config=recipe.dkm),
+        }
+        for name, apply in runs.items():
+            clone = copy.deepcopy(model)
+            apply(clone)
+            results[name] = _eval(clone, eval_ids, recipe, name).to_dict()
+            del clone
+    _atomic_json(cached, {"recipe": recipe.to_dict(), "results": results})
+    return results
+
+
+def compress(
+    recipe: Recipe,
+    *,
+    out: str | os.PathLike[str],
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole job (module docstring) and return the report as a dict.
+
+    Example:
+        >>> report = compress(Recipe.from_yaml("recipes/smollm2_3bit.yaml"), out="runs/x")  # doctest: +SKIP
+    """
+    import edkm
+    from edkm.palettize import set_mode
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(recipe.model, dtype=torch.float32)
+    _, train_ids, eval_ids = _load_inputs(recipe, tokenizer)
+    prepare_output(out, recipe, resume=resume, overwrite=overwrite)
+
+    results = _baselines(model, eval_ids, recipe, out)
+    summary = edkm.palettize_(model, recipe.dkm)
+    state = train(
+        model, train_ids, recipe.train, run_dir=out, resume=resume, show_progress=show_progress
+    )
+    t_trained = time.perf_counter()
+
+    set_mode(model, "soft")
+    results["edkm_soft"] = _eval(model, eval_ids, recipe, "eDKM soft").to_dict()
+    model = edkm.finalize(model)
+    model_dir = out / MODEL_DIR
+    edkm.save_palettized(model, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    reloaded = edkm.load_palettized(model_dir)
+    device = next(model.parameters()).device
+    reloaded.to(device)
+    with torch.no_grad():
+        probe = eval_ids[:1].to(device)
+        exact = torch.equal(model(input_ids=probe).logits, reloaded(input_ids=probe).logits)
+    results["edkm_hard_reloaded"] = _eval(
+        reloaded, eval_ids, recipe, "eDKM hard (reloaded)"
+    ).to_dict()
+
+    report = {
+        "format": "edkm-report",
+        "version": 1,
+        "recipe": recipe.to_dict(),
+        "results": results,
+        "reload_logits_identical": exact,
+        "palettization": _as_plain(summary),
+        "size": _size_report(reloaded, model_dir),
+        "train": {
+            "steps": state.step,
+            "tokens_seen": state.tokens_seen,
+            "train_blocks": int(train_ids.shape[0]),
+            "train_time_s": round(state.elapsed_s, 1),
+        },
+        "eval": {"windows": int(eval_ids.shape[0]), "seq_len": int(eval_ids.shape[1])},
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+        "post_train_time_s": round(time.perf_counter() - t_trained, 1),
+        "memory": _peak_memory(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    write_report(report, out)
+    return report
+
+
+def _as_plain(summary: Any) -> Any:
+    if hasattr(summary, "to_dict"):
+        return summary.to_dict()
+    return json.loads(json.dumps(summary, default=str))
+
+
+def _size_report(model: torch.nn.Module, model_dir: Path) -> dict[str, Any]:
+    from edkm.export import PalettizedLinear
+
+    pal_fp16 = pal_packed = other_fp16 = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, PalettizedLinear):
+            pal_fp16 += module.dense_fp16_bytes()
+            pal_packed += module.packed_bytes()
+            seen.update(id(t) for t in module.parameters(recurse=False))
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            other_fp16 += p.numel() * 2
+    files = sum(f.stat().st_size for f in model_dir.rglob("*.safetensors"))
+    return {
+        "palettized_layers_fp16_bytes": pal_fp16,
+        "palettized_layers_lut_indices_bytes": pal_packed,
+        "palettized_layers_ratio": round(pal_fp16 / max(1, pal_packed), 2),
+        "other_tensors_fp16_bytes": other_fp16,
+        "model_fp16_bytes": pal_fp16 + other_fp16,
+        "model_palettized_bytes": pal_packed + other_fp16,
+        "checkpoint_files_bytes": files,
+    }

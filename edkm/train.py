@@ -1,0 +1,284 @@
+"""The DKM fine-tuning loop: causal-LM loss on training blocks, DKM on the palettized layers.
+
+What a step does: ``grad_accum`` micro-batches of ``batch_size`` blocks each (forward under bf16
+autocast where the device supports it, backward), gradient clipping, an AdamW step, the
+learning-rate schedule (linear warm-up, cosine decay to ``min_lr_ratio``) and the temperature
+schedule (DKM's tau scaled geometrically from ``tau_start`` to ``tau_end`` times the configured
+tau, so the soft weights converge onto the hard ones by the end of training).
+
+Determinism: the order of the training blocks depends only on ``(seed, step)``; the
+checkpoint holds model (DKM centroids included), optimizer, scheduler and RNG states, so a run
+stopped and resumed ends with exactly the weights of an uninterrupted run on the same machine.
+SIGTERM and Ctrl-C finish the current step, write a checkpoint and raise
+:class:`TrainingInterrupted`.
+
+Example:
+    >>> from edkm.train import train
+    >>> state = train(model, blocks, TrainConfig(steps=10), run_dir="runs/demo")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from edkm.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from edkm.palettize import set_tau_scale
+from edkm.progress import progress
+from edkm.train_config import TrainConfig
+
+LOG_FILE = "train_log.jsonl"
+# Test hook: deliver SIGTERM to this process right after the given step (exercises the real
+# signal path deterministically).
+_SIGTERM_AT_ENV = "EDKM_TEST_SIGTERM_AT_STEP"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped by a signal after a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after step {step}, checkpoint {checkpoint}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up then cosine decay.
+
+    Example:
+        >>> cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+        >>> round(lr_factor(0, cfg), 2), round(lr_factor(10, cfg), 2), round(lr_factor(100, cfg), 2)
+        (0.1, 1.0, 0.1)
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress_ = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+def tau_scale(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of DKM's tau at ``step``: geometric from ``tau_start`` to ``tau_end``.
+
+    Example:
+        >>> cfg = TrainConfig(steps=11, tau_start=1.0, tau_end=0.01)
+        >>> tau_scale(0, cfg), round(tau_scale(5, cfg), 6), round(tau_scale(10, cfg), 6)
+        (1.0, 0.1, 0.01)
+    """
+    if cfg.steps <= 1:
+        return cfg.tau_end
+    frac = min(1.0, step / (cfg.steps - 1))
+    return float(cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac)
+
+
+def block_indices(step: int, cfg: TrainConfig, n_blocks: int) -> torch.Tensor:
+    """Indices of the training blocks used by ``step``: a seeded permutation per epoch.
+
+    Example:
+        >>> cfg = TrainConfig(batch_size=2, grad_accum=2, seed=0)
+        >>> block_indices(0, cfg, 10).tolist() == block_indices(0, cfg, 10).tolist()
+        True
+    """
+    per_step = cfg.batch_size * cfg.grad_accum
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(pos, n_blocks)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n_blocks, generator=gen)[offset]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates (``cfg.trainable``); the rest are frozen."""
+    from edkm.palettize import palettized_modules
+
+    if cfg.trainable == "all":
+        params = [p for p in model.parameters()]
+    else:
+        chosen: dict[int, torch.nn.Parameter] = {}
+        for _, module in palettized_modules(model):
+            for p in module.parameters():
+                chosen[id(p)] = p
+        if cfg.trainable == "palettized+norms":
+            for name, module in model.named_modules():
+                if "norm" in type(module).__name__.lower():
+                    for p in module.parameters(recurse=False):
+                        chosen[id(p)] = p
+        params = list(chosen.values())
+        keep = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    return params
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (handlers restored on exit)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> _SignalFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    if cfg.autocast == "off":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    run_dir: str | os.PathLike[str],
+    resume: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    show_progress: bool = True,
+) -> TrainState:
+    """Fine-tune a palettized model on ``(n, seq_len)`` token blocks; returns the final counters.
+
+    ``run_dir`` receives ``train_log.jsonl`` (one JSON object per step) and ``checkpoints/``.
+    With ``resume=True`` training continues from the newest checkpoint there.
+
+    Example:
+        >>> edkm.palettize_(model, edkm.DKMConfig(bits=3))  # doctest: +SKIP
+        >>> train(model, blocks, TrainConfig(steps=100), run_dir="runs/x")  # doctest: +SKIP
+    """
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    device = accelerator.device
+    params = trainable_parameters(model, cfg)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+    log_path = run_dir / LOG_FILE
+    _truncate_log(log_path, state.step)
+    sigterm_at = int(os.environ.get(_SIGTERM_AT_ENV, "-1"))
+    model.train()
+    start_wall = time.perf_counter() - state.elapsed_s
+    with (
+        _SignalFlag() as flag,
+        log_path.open("a") as log,
+        progress(total=cfg.steps, desc="train", unit="step", disable=not show_progress) as bar,
+    ):
+        bar.update(state.step)
+        while state.step < cfg.steps:
+            record = _train_step(model, blocks, cfg, state, optimizer, scheduler, accelerator)
+            state.elapsed_s = time.perf_counter() - start_wall
+            record["elapsed_s"] = round(state.elapsed_s, 3)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if on_step is not None:
+                on_step(record)
+            if state.step == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            final = state.step == cfg.steps
+            if flag.signum is not None or final or state.step % cfg.checkpoint_every == 0:
+                path = save_checkpoint(
+                    run_dir,
+                    model=accelerator.unwrap_model(model),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    state=state,
+                )
+                if flag.signum is not None and not final:
+                    raise TrainingInterrupted(flag.signum, state.step, path)
+    model.eval()
+    return state
+
+
+def _train_step(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: TrainConfig,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Any,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    scale = tau_scale(state.step, cfg)
+    set_tau_scale(model, scale)
+    idx = block_indices(state.step, cfg, blocks.shape[0])
+    total_loss = 0.0
+    for micro in _chunks(idx, cfg.batch_size):
+        batch = blocks[micro].to(accelerator.device)
+        with _autocast(accelerator.device, cfg):
+            loss = model(input_ids=batch, labels=batch).loss
+        accelerator.backward(loss / cfg.grad_accum)
+        total_loss += float(loss.detach()) / cfg.grad_accum
+    grad_norm = accelerator.clip_grad_norm_(
+        [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+    )
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    state.step += 1
+    tokens = idx.numel() * blocks.shape[1]
+    state.tokens_seen += tokens
+    dt = time.perf_counter() - t0
+    return {
+        "step": state.step,
+        "loss": round(total_loss, 6),
+        "lr": lr,
+        "tau_scale": scale,
+        "grad_norm": round(float(grad_norm), 6),
+        "tokens": state.tokens_seen,
+        "tokens_per_s": tokens / dt,
+        "step_s": round(dt, 4),
+    }
+
+
+def _chunks(idx: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, idx.numel(), size):
+        yield idx[start : start + size]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)

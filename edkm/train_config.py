@@ -1,0 +1,145 @@
+"""Configs of the training job, split by concern: ``TrainConfig`` (the optimisation loop),
+``EvalConfig`` (how perplexity is measured for the report) and ``Recipe`` (a whole
+``edkm compress`` run: model, data, DKM, training, evaluation), all readable from YAML.
+
+Example:
+    >>> cfg = TrainConfig(steps=100, lr=2e-4)
+    >>> TrainConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    >>> Recipe.from_yaml_str("dkm: {bits: 3}\\ntrain: {steps: 10}").train.steps
+    10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from edkm.config import ConfigBase, DKMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ConfigBase):
+    """The optimisation loop of DKM fine-tuning.
+
+    Fields:
+        steps: optimizer steps.
+        batch_size: blocks per micro-batch; ``grad_accum`` micro-batches make one step.
+        seq_len: tokens per training block.
+        lr, weight_decay: AdamW (betas 0.9/0.95); the learning rate warms up linearly over
+            ``warmup_steps`` then decays with a cosine to ``min_lr_ratio * lr``.
+        max_grad_norm: gradient clipping (global L2 norm).
+        tau_start, tau_end: DKM temperature schedule, multipliers of ``DKMConfig.tau``
+            interpolated geometrically over the steps (a falling tau makes the soft weights
+            converge onto the hard ones by the end).
+        trainable: ``"all"`` parameters, only the ``"palettized"`` weights, or
+            ``"palettized+norms"``.
+        autocast: ``"bf16"`` (autocast where the device supports it) or ``"off"``.
+        device: ``"auto"`` (accelerate's choice: a GPU when present) or ``"cpu"``.
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        seed: seeds the data order and every random number generator.
+        max_train_tokens: cap on the tokens of the training split that are cut into blocks
+            (0 = all of them).
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    trainable: Literal["all", "palettized", "palettized+norms"] = "all"
+    autocast: Literal["bf16", "off"] = "bf16"
+    device: Literal["auto", "cpu"] = "auto"
+    checkpoint_every: int = 50
+    seed: int = 0
+    max_train_tokens: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                self._fail(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            self._fail("seq_len", f"must be at least 2, got {self.seq_len}")
+        for name in ("lr", "tau_start", "tau_end", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                self._fail(name, f"must be a finite number > 0, got {value}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            self._fail(
+                "warmup_steps", f"must be in 0..steps ({self.steps}), got {self.warmup_steps}"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            self._fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            self._fail("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.max_train_tokens < 0:
+            self._fail("max_train_tokens", f"must be >= 0, got {self.max_train_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(ConfigBase):
+    """How the report measures perplexity (protocol in :mod:`edkm.evaluate`).
+
+    Fields:
+        seq_len: tokens per window; max_windows: first N windows of the held-out text (0 = all);
+        batch_size: windows per forward pass; baselines: also evaluate round-to-nearest
+        (per tensor and per group of 128) and post-training k-means at the same bits.
+    """
+
+    seq_len: int = 512
+    max_windows: int = 16
+    batch_size: int = 4
+    baselines: bool = True
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            self._fail("seq_len", f"must be at least 2, got {self.seq_len}")
+        if self.max_windows < 0:
+            self._fail("max_windows", f"must be >= 0 (0 = all windows), got {self.max_windows}")
+        if self.batch_size < 1:
+            self._fail("batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe(ConfigBase):
+    """A whole ``edkm compress`` run, as written in ``recipes/*.yaml``.
+
+    Fields:
+        model: a local Hugging Face folder or ``"default"``; data: a local text file/folder or
+        ``"default"``; eval_fraction: share of documents held out for evaluation; dkm, train,
+        eval: the configs of each concern.
+    """
+
+    model: str = "default"
+    data: str = "default"
+    eval_fraction: float = 0.2
+    dkm: DKMConfig = dataclasses.field(default_factory=DKMConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if not 0 < self.eval_fraction < 1:
+            self._fail("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+
+    def with_overrides(self, **changes: object) -> Recipe:
+        """A copy with dotted keys replaced, e.g. ``{"dkm.bits": 4, "train.steps": 10}``.
+
+        Example:
+            >>> Recipe().with_overrides(**{"dkm.bits": 4}).dkm.bits
+            4
+        """
+        data = self.to_dict()
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return Recipe.from_dict(data)
