@@ -155,18 +155,11 @@ def load_checkpoint(
         tensors = load_file(str(path / "model.safetensors"))
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise InputError(f"cannot read checkpoint '{path / 'model.safetensors'}': {err}") from err
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or [k for k in missing if k not in _tied_keys(model)]:
-        raise InputError(
-            f"checkpoint '{path}' does not match the model "
-            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-        )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise InputError(f"checkpoint '{path}' does not match the model: {str(err)[:200]}") from err
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return TrainState(**json.loads((path / "state.json").read_text()))
-
-
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    return set(keys) if not isinstance(keys, dict) else set(keys)

@@ -39,7 +39,6 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 
@@ -88,20 +87,35 @@ def _validate(
 
 
 def dkm_reference(
-    weight: torch.Tensor, centroids: torch.Tensor, tau: torch.Tensor, iters: int, groups: int
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    tau: torch.Tensor,
+    iters: int,
+    groups: int = 1,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's DKM in plain autograd (materializes N x K per iteration)."""
-    w = weight.float().reshape(groups, -1)
-    t = tau.view(-1, 1, 1)
-    c = centroids.float()
+    """The paper's DKM in plain autograd: materializes the N x K attention per iteration.
+
+    ``tau`` is a (G,) tensor; inputs are assumed validated (``dkm_soft`` does it).
+    ``compute_dtype`` is fp32 as the contract says; tests pass fp64 for an oracle.
+
+    Example:
+        >>> w = torch.tensor([0.0, 1.0, 3.0])
+        >>> soft, c = dkm_reference(w, torch.tensor([[0.0, 3.0]]), torch.ones(1), 1)
+        >>> c.shape
+        torch.Size([1, 2])
+    """
+    from edkm.unique import centroid_update, soft_assign
+
+    w = weight.to(compute_dtype).reshape(groups, -1)
+    t = tau.to(compute_dtype)
+    c = centroids.to(compute_dtype)
     for _ in range(iters):
-        a = torch.softmax((w.unsqueeze(-1) - c.unsqueeze(1)).square() / -t, dim=-1)
-        s0 = a.sum(1)
-        s1 = (a * w.unsqueeze(-1)).sum(1)
-        c = torch.where(s0 > 0, s1 / torch.where(s0 > 0, s0, torch.ones_like(s0)), c)
-    a = torch.softmax((w.unsqueeze(-1) - c.unsqueeze(1)).square() / -t, dim=-1)
-    soft = (a * c.unsqueeze(1)).sum(-1)
-    return soft.reshape(weight.shape).to(weight.dtype), c
+        c = centroid_update(soft_assign(w, c, t), w, c)
+    soft = (soft_assign(w, c, t) * c.unsqueeze(1)).sum(-1)
+    c_out = c if compute_dtype == torch.float64 else c.float()
+    return soft.reshape(weight.shape).to(weight.dtype), c_out
 
 
 def _triton_available() -> bool:
@@ -157,14 +171,3 @@ def dkm_soft(
     if fn is None:  # pragma: no cover - the kernels package always has it
         raise NotImplementedError("edkm.kernels provides no dkm_soft_triton")
     return fn(weight, centroids, tau=tau_t, iters=iters, group_size=group_size)
-
-
-def soft_temperature(weight: torch.Tensor, relative_tau: float) -> float:
-    """Absolute tau for a relative one: ``relative_tau * var(w)`` (see :mod:`edkm.config`).
-
-    Example:
-        >>> soft_temperature(torch.tensor([-1.0, 1.0]), 0.5)
-        0.5
-    """
-    var = float(weight.detach().float().var(unbiased=False))
-    return relative_tau * max(var, math.ulp(0.0))

@@ -172,7 +172,7 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"cannot load a causal LM from '{spec}': {_first_line(err)}") from err
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
 

@@ -21,7 +21,7 @@ _LABELS = {
 def _label(key: str) -> str:
     if key in _LABELS:
         return _LABELS[key]
-    kind, bits, scope = (key.split("_", 2) + ["", ""])[:3]
+    kind, bits, scope = ([*key.split("_", 2), "", ""])[:3]
     name = {"rtn": "round-to-nearest", "kmeans": "post-training k-means"}.get(kind, kind)
     return f"{name}, {bits.replace('bit', '-bit')}, {scope.replace('_', ' ')}"
 

@@ -110,7 +110,7 @@ def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch
             for p in module.parameters():
                 chosen[id(p)] = p
         if cfg.trainable == "palettized+norms":
-            for name, module in model.named_modules():
+            for _name, module in model.named_modules():
                 if "norm" in type(module).__name__.lower():
                     for p in module.parameters(recurse=False):
                         chosen[id(p)] = p
@@ -175,7 +175,6 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    device = accelerator.device
     params = trainable_parameters(model, cfg)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)

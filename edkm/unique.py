@@ -2,26 +2,34 @@
 
 A 16-bit weight takes one of 65,536 bit patterns, so DKM's sums over N weights become sums over
 the pattern table weighted by its histogram ``n_u`` (DESIGN.md section 3). The pattern of a
-weight IS its row in the table: nothing N-sized is stored for backward but the weight itself.
+weight IS its row in the table: nothing N-sized is kept for backward but the weight itself.
 
-Per LUT group, with ``u`` the value of pattern ``u``:
+Per LUT group, with ``u`` the value of pattern ``u``::
 
     A_uj = softmax_j(-(u - c_j)^2 / tau)
-    c_j  <- sum_u n_u A_uj u / sum_u n_u A_uj                  (iters times, from the warm start)
-    T_u  = sum_j A_uj c_T,j ;  soft_weight_i = T[b_i]            (a gather)
+    c_j  <- sum_u n_u A_uj u / sum_u n_u A_uj                 (iters times, from the warm start)
+    T_u  = sum_j A_uj c_T,j ;  soft_weight_i = T[b_i]           (a gather)
 
 Backward, with upstream ``g``: ``G_u`` = scatter-add of ``g`` into the bins; the small table graph
-is rebuilt with two leaves for ``u`` (one feeding the final soft assignment, one feeding the
-k-means iterations) and differentiated with upstream ``G``; ``D_u`` = dT_u/du at fixed ``c_T``
-(closed form), ``H_u`` = (dL/du through the centroid path) / n_u; then
-``dL/dw_i = g_i * D[b_i] + H[b_i]`` — every weight keeps its own ``g_i``, only the centroid
-path is shared by equal weights, so the gradient equals the reference DKM's to float rounding.
+is rebuilt under ``enable_grad`` with ``u`` as the leaf feeding the k-means iterations (the leaf
+feeding the final soft assignment is a constant there: its derivative is the closed-form local
+slope ``D_u = dT_u/du`` at fixed ``c_T``), differentiated with upstream ``G`` (and the upstream of
+``c_T``); ``H_u`` = (dL/du through the centroid path) / n_u; then ``dL/dw_i = g_i * D[b_i] +
+H[b_i]``. Every weight keeps its own ``g_i``; only the centroid path is shared by equal weights,
+so the gradient equals the reference DKM's to float rounding.
 
-Table forms: the fixed 65,536-row table (no data-dependent shape: works under FakeTensorMode and
-``torch.compile``) or, outside those, a compacted table of the rows present in the weight
-(cheaper for small layers and for many centroids). The N-sized passes (pattern -> row index,
-histogram, gather, scatter-add, per-weight gradient) are plain PyTorch here; on CPU they can run
-as fused loops compiled by ``torch.compile`` (``edkm.unique_fused``), held to these by tests.
+Table forms:
+- fixed: 65,536 rows per group, absent rows given value 0 and count 0 (their pattern may be inf
+  or NaN; 0 keeps every sum finite). No data-dependent shape: works under ``FakeTensorMode``
+  and ``torch.compile``.
+- compact: per group, only the patterns present, padded to the largest group's count. Cheaper
+  whenever that count is well below 65,536 (small layers, narrow weight distributions, many
+  groups); ``compact=None`` picks it when ``groups * rows <= COMPACT_RATIO * groups * 65536``
+  and shapes may depend on data.
+
+N-sized passes (pattern -> row, histogram, gather, scatter-add, per-weight gradient) run over
+blocks of about ``CHUNK`` weights, so their temporaries (int32 rows, fp32 gradients) stay
+cache-sized instead of N-sized: memory beyond the output is O(CHUNK + table).
 
 Example:
     >>> import torch
@@ -34,99 +42,229 @@ Example:
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 BINS = 1 << 16
-# compact the table when the present rows are fewer than this share of the fixed table
-COMPACT_BELOW = 0.5
+# Compact the table when (groups x padded rows) is at most this share of the fixed table.
+COMPACT_RATIO = 0.5
+# Weights per block in the N-sized passes: 2^18 keeps one block's int32 rows and fp32
+# gradients (1 MiB each) in L2, so each pass reads the weight once from memory.
+CHUNK = 1 << 18
 
 
 def is_symbolic(t: torch.Tensor) -> bool:
-    """True for FakeTensors and while compiling: no data-dependent shapes or checks allowed."""
+    """True for FakeTensors and while compiling: no data-dependent shapes or checks allowed.
+
+    Example:
+        >>> is_symbolic(torch.zeros(2))
+        False
+    """
     from torch._subclasses.fake_tensor import is_fake
 
     return bool(is_fake(t)) or torch.compiler.is_compiling()
 
 
 def pattern_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The 16-bit dtype whose bit pattern indexes the table: fp16 for fp16 weights, else bf16."""
+    """The 16-bit dtype whose bit pattern indexes the table: fp16 for fp16 weights, else bf16.
+
+    Example:
+        >>> pattern_dtype(torch.zeros(1))
+        torch.bfloat16
+    """
     return torch.float16 if weight.dtype == torch.float16 else torch.bfloat16
 
 
-@functools.lru_cache(maxsize=4)
-def _pattern_values_cpu(dtype: torch.dtype) -> torch.Tensor:
-    return torch.arange(BINS, dtype=torch.int32).to(torch.int16).view(dtype).float()
+def pattern_values(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(65536,) fp32: the value of every 16-bit pattern of ``dtype`` (inf/NaN included).
+
+    Example:
+        >>> pattern_values(torch.bfloat16)[0x3F80].item()
+        1.0
+    """
+    # built on the fly (65,536 elements): a cached tensor would leak between real and fake modes
+    patterns = torch.arange(BINS, dtype=torch.int32, device=device).to(torch.int16)
+    return patterns.view(dtype).float()
 
 
-def pattern_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(65536,) fp32: the value of every 16-bit pattern of ``dtype`` (inf/NaN included)."""
-    return _pattern_values_cpu(dtype).to(device)
+def nonfinite_patterns(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(65536,) bool: the patterns that encode inf or NaN (all-ones exponent).
 
-
-def nonfinite_rows(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(65536,) bool: patterns that encode inf or NaN (all-ones exponent)."""
+    Example:
+        >>> int(nonfinite_patterns(torch.float16).sum())
+        2048
+    """
     return ~torch.isfinite(pattern_values(dtype, device))
 
 
-def row_index(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Flat int64 row of every weight: ``group * 65536 + pattern`` (weight rounded to 16 bits)."""
-    w16 = weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.to(torch.bfloat16)
-    idx = w16.reshape(groups, -1).view(torch.int16).to(torch.int64) & 0xFFFF
-    if groups > 1:
-        idx = idx + torch.arange(groups, device=idx.device).unsqueeze(1) * BINS
-    return idx.reshape(-1)
+# ---- N-sized passes, block by block -------------------------------------------------------------
 
 
-def histogram(idx: torch.Tensor, groups: int) -> torch.Tensor:
-    """(G, 65536) fp32 counts by scatter-add into zeros (fixed shape)."""
-    ones = torch.ones((), dtype=torch.float32, device=idx.device).expand(idx.numel())
-    counts = torch.zeros(groups * BINS, dtype=torch.float32, device=idx.device)
-    return counts.index_add_(0, idx, ones).view(groups, BINS)
+def _blocks(groups: int, per_group: int, chunk: int) -> Iterator[tuple[int, int, int, int]]:
+    """Blocks ``(g0, g1, m0, m1)`` of a (groups, per_group) view, about ``chunk`` weights each.
+
+    Several whole groups per block when groups are small, else a slice of one group, so a
+    block's rows are ``pattern + g * BINS`` with one broadcast offset per group.
+    """
+    if per_group >= chunk:
+        for g in range(groups):
+            for m0 in range(0, per_group, chunk):
+                yield g, g + 1, m0, min(m0 + chunk, per_group)
+    else:
+        step = max(1, chunk // max(per_group, 1))
+        for g0 in range(0, groups, step):
+            yield g0, min(g0 + step, groups), 0, per_group
 
 
-def scatter_bins(idx: torch.Tensor, grad: torch.Tensor, groups: int) -> torch.Tensor:
-    """(G, 65536) fp32: sum of ``grad`` over the weights of each row."""
-    out = torch.zeros(groups * BINS, dtype=torch.float32, device=idx.device)
-    return out.index_add_(0, idx, grad.reshape(-1).float()).view(groups, BINS)
+def block_rows(block: torch.Tensor, g0: int) -> torch.Tensor:
+    """Flat int32 table row ``g * 65536 + pattern`` of every weight in a (groups, m) block.
+
+    fp32 weights are rounded to bf16 first (the pattern the clustering sees). Rows of groups
+    beyond 32,767 would overflow int32 and use int64.
+
+    Example:
+        >>> block_rows(torch.tensor([[1.0, -2.0]]).bfloat16(), 0).tolist()
+        [[16256, 49152]]
+    """
+    if block.dtype not in (torch.bfloat16, torch.float16):
+        block = block.to(torch.bfloat16)
+    big = (g0 + block.shape[0]) * BINS > torch.iinfo(torch.int32).max
+    rows = block.view(torch.uint16).to(torch.int64 if big else torch.int32)
+    if g0 or block.shape[0] > 1:
+        offsets = torch.arange(g0, g0 + block.shape[0], device=block.device, dtype=rows.dtype)
+        rows = rows.add_(offsets.mul_(BINS).unsqueeze(1))
+    return rows
 
 
-def gather_rows(table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``table.flatten()[idx]`` cast to ``dtype`` (the soft weights)."""
-    return table.reshape(-1).to(dtype).index_select(0, idx)
+def _iter_rows(
+    weight: torch.Tensor, groups: int, chunk: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(flat slice of the weight, its rows) per block; one block when shapes are symbolic."""
+    w = weight.detach().reshape(groups, -1)
+    per_group = w.shape[1]
+    if is_symbolic(weight):
+        chunk = max(weight.numel(), 1)
+    for g0, g1, m0, m1 in _blocks(groups, per_group, chunk):
+        rows = block_rows(w[g0:g1, m0:m1], g0)
+        if m1 - m0 == per_group:
+            yield slice(g0 * per_group, g1 * per_group), rows.reshape(-1)
+        else:
+            yield slice(g0 * per_group + m0, g0 * per_group + m1), rows.reshape(-1)
+
+
+def histogram(weight: torch.Tensor, groups: int, *, chunk: int = CHUNK) -> torch.Tensor:
+    """(G, 65536) int32 pattern counts per group, by scatter-add into zeros (fixed shape).
+
+    Example:
+        >>> histogram(torch.tensor([1.0, 1.0, 2.0]), 1)[0, 0x3F80].item()
+        2
+    """
+    counts = torch.zeros(groups * BINS, dtype=torch.int32, device=weight.device)
+    one = torch.ones((), dtype=torch.int32, device=weight.device)
+    for _, rows in _iter_rows(weight, groups, chunk):
+        counts.index_add_(0, rows, one.expand(rows.numel()))
+    return counts.view(groups, BINS)
+
+
+def gather_table(
+    table: torch.Tensor, weight: torch.Tensor, groups: int, *, chunk: int = CHUNK
+) -> torch.Tensor:
+    """``table.flatten()[rows(weight)]`` in the weight's dtype and shape: the soft weight.
+
+    Example:
+        >>> t = torch.zeros(1, 65536); t[0, 0x3F80] = 5.0
+        >>> gather_table(t, torch.tensor([1.0, 2.0]), 1).tolist()
+        [5.0, 0.0]
+    """
+    flat_table = table.reshape(-1).to(weight.dtype)  # cast once: the gather writes final values
+    out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+    for part, rows in _iter_rows(weight, groups, chunk):
+        torch.index_select(flat_table, 0, rows, out=out[part])
+    return out.view(weight.shape)
+
+
+def scatter_bins(
+    grad: torch.Tensor, weight: torch.Tensor, groups: int, *, chunk: int = CHUNK
+) -> torch.Tensor:
+    """(G, 65536) fp32: the sum of ``grad`` over the weights of each table row.
+
+    Example:
+        >>> scatter_bins(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 3.0]), 1)[0, 0x4040].item()
+        3.0
+    """
+    out = torch.zeros(groups * BINS, dtype=torch.float32, device=weight.device)
+    flat = grad.reshape(-1)
+    for part, rows in _iter_rows(weight, groups, chunk):
+        out.index_add_(0, rows, flat[part].float())
+    return out.view(groups, BINS)
 
 
 def weight_grad(
-    grad: torch.Tensor, idx: torch.Tensor, slope: torch.Tensor, shared: torch.Tensor
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    slope: torch.Tensor,
+    shared: torch.Tensor,
+    groups: int,
+    *,
+    chunk: int = CHUNK,
 ) -> torch.Tensor:
-    """fp32 ``g_i * D[b_i] + H[b_i]`` (flat)."""
-    return torch.addcmul(
-        shared.reshape(-1).index_select(0, idx),
-        grad.reshape(-1).float(),
-        slope.reshape(-1).index_select(0, idx),
-    )
+    """``g_i * D[b_i] + H[b_i]`` in fp32, cast to the weight's dtype and shape.
+
+    Example:
+        >>> d = torch.full((1, 65536), 2.0); h = torch.ones(1, 65536)
+        >>> weight_grad(torch.tensor([3.0]), torch.tensor([0.5]), d, h, 1).tolist()
+        [7.0]
+    """
+    # D and H side by side: one 8-byte gather per weight instead of two 4-byte ones.
+    pair = torch.stack([slope.reshape(-1), shared.reshape(-1)], dim=1).contiguous()
+    pair64 = pair.view(torch.float64).view(-1)
+    flat = grad.reshape(-1)
+    out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+    for part, rows in _iter_rows(weight, groups, chunk):
+        dh = pair64.index_select(0, rows).view(torch.float32).view(-1, 2)
+        value = torch.addcmul(dh[:, 1], flat[part].float(), dh[:, 0])
+        out[part] = value  # casts to the weight's dtype in the copy
+    return out.view(weight.shape)
 
 
-# ---- the small table graph (O(rows * K * iters)) ------------------------------------------------
+# ---- the small table graph: O(groups * rows * K * iters) ---------------------------------------
 
 
 def soft_assign(u: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """(G, R, K) attention ``softmax_j(-(u - c_j)^2 / tau)`` for (G, R) rows, (G, K) centroids."""
+    """(G, R, K) attention ``softmax_j(-(u - c_j)^2 / tau)`` for (G, R) rows, (G, K) centroids.
+
+    Example:
+        >>> soft_assign(torch.zeros(1, 1), torch.tensor([[-1.0, 1.0]]), torch.ones(1)).tolist()
+        [[[0.5, 0.5]]]
+    """
     d = (u.unsqueeze(-1) - c.unsqueeze(1)).square()
     return torch.softmax(d / (-tau.view(-1, 1, 1)), dim=-1)
+
+
+def centroid_update(a: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """One k-means update ``sum_i a_ij x_i / sum_i a_ij`` over dim 1; an empty cluster
+    (``sum_i a_ij == 0``, e.g. underflow) keeps its centroid. Shared by every method.
+
+    Example:
+        >>> a = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+        >>> centroid_update(a, torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 9.0]])).tolist()
+        [[2.0, 9.0]]
+    """
+    s0 = a.sum(1)
+    s1 = (a * x.unsqueeze(-1)).sum(1)
+    present = s0 > 0
+    return torch.where(present, s1 / torch.where(present, s0, torch.ones_like(s0)), c)
 
 
 def table_iterations(
     u: torch.Tensor, n: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, iters: int
 ) -> torch.Tensor:
-    """k-means updates on the weighted table; an empty cluster keeps its centroid."""
+    """``iters`` k-means updates on the table (rows ``u`` weighted by counts ``n``)."""
     for _ in range(iters):
-        a = soft_assign(u, c, tau) * n.unsqueeze(-1)
-        s0 = a.sum(1)
-        s1 = (a * u.unsqueeze(-1)).sum(1)
-        c = torch.where(s0 > 0, s1 / torch.where(s0 > 0, s0, torch.ones_like(s0)), c)
+        c = centroid_update(soft_assign(u, c, tau) * n.unsqueeze(-1), u, c)
     return c
 
 
@@ -136,55 +274,116 @@ def table_output(u: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.T
 
 
 def local_slope(u: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """(G, R) ``D_u = dT_u/du`` at fixed centroids: Cov_A(c, dz) with dz_j = -2 (u - c_j) / tau."""
-    a = soft_assign(u, c, tau)
-    dz = (u.unsqueeze(-1) - c.unsqueeze(1)) * (-2.0 / tau.view(-1, 1, 1))
-    cbar = (a * c.unsqueeze(1)).sum(-1)
-    return (a * c.unsqueeze(1) * dz).sum(-1) - cbar * (a * dz).sum(-1)
+    """(G, R) ``D_u = dT_u/du`` at fixed centroids.
 
-
-def build_table(
-    idx: torch.Tensor, groups: int, dtype: torch.dtype, *, compact: bool | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Histogram and row values: ``(u (G,R), n (G,R), rows or None)``.
-
-    ``rows`` lists the kept table rows when compacted (None for the fixed table). Values of
-    rows absent from a group are set to 0 there, so no inf/huge value can turn a sum into NaN.
+    With ``z_j = -(u - c_j)^2 / tau``: ``D = sum_j A_j (c_j - T) dz_j/du``, in the same order
+    as autograd's softmax backward (the centred form avoids the cancellation of
+    ``E[c dz] - E[c] E[dz]`` at small tau).
     """
-    counts = histogram(idx, groups)
-    values = pattern_values(dtype, idx.device)
-    symbolic = is_symbolic(idx)
-    if not symbolic:
-        bad = counts[:, nonfinite_rows(dtype, idx.device)].sum()
-        if bool(bad > 0):
-            raise ValueError(
-                f"weight has {int(bad)} non-finite value(s) (NaN/inf, or beyond the 16-bit "
-                "range after rounding); DKM cannot cluster them"
-            )
-    rows = None
-    if compact is None:
-        compact = not symbolic
-    if compact and not symbolic:
-        present = (counts > 0).any(0)
-        if int(present.sum()) < COMPACT_BELOW * BINS:
-            rows = present.nonzero().squeeze(1)
-            counts = counts[:, rows]
-            values = values[rows]
-    u = torch.where(counts > 0, values.unsqueeze(0), torch.zeros((), device=idx.device))
-    return u, counts, rows
+    a = soft_assign(u, c, tau)
+    t = (a * c.unsqueeze(1)).sum(-1, keepdim=True)
+    dz = (u.unsqueeze(-1) - c.unsqueeze(1)) * (-2.0 / tau.view(-1, 1, 1))
+    return (a * (c.unsqueeze(1) - t) * dz).sum(-1)
 
 
-def _expand_rows(table: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    if rows is None:
-        return table
-    full = torch.zeros(table.shape[0], BINS, dtype=table.dtype, device=table.device)
-    full[:, rows] = table
-    return full
+# ---- table construction ------------------------------------------------------------------------
+
+
+class Table:
+    """The weighted rows of one call: values ``u`` (G, R), counts ``n`` (G, R) fp32, and for a
+    compact table the map between full rows (``g * 65536 + pattern``) and compact slots."""
+
+    def __init__(
+        self,
+        u: torch.Tensor,
+        n: torch.Tensor,
+        full_rows: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> None:
+        self.u, self.n = u, n
+        self.full_rows, self.slots = full_rows, slots
+
+    @property
+    def compact(self) -> bool:
+        return self.full_rows is not None
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        """(G, R) per-row values -> (G, 65536) full table (0 in absent rows)."""
+        if self.full_rows is None or self.slots is None:
+            return values
+        groups = values.shape[0]
+        full = torch.zeros(groups * BINS, dtype=values.dtype, device=values.device)
+        full[self.full_rows] = values.reshape(-1)[self.slots]
+        return full.view(groups, BINS)
+
+    def reduce(self, full: torch.Tensor) -> torch.Tensor:
+        """(G, 65536) full-table values -> (G, R) per-row values."""
+        if self.full_rows is None or self.slots is None:
+            return full
+        out = torch.zeros(self.u.numel(), dtype=full.dtype, device=full.device)
+        out[self.slots] = full.reshape(-1)[self.full_rows]
+        return out.view(self.u.shape)
+
+
+def build_table(counts: torch.Tensor, dtype: torch.dtype, *, compact: bool | None = None) -> Table:
+    """Rows of the table from (G, 65536) counts; see the module docstring for the two forms.
+
+    ``compact=None`` decides by size (never when shapes are symbolic); True/False force it
+    (True needs concrete shapes).
+
+    Example:
+        >>> counts = torch.zeros(1, 65536, dtype=torch.int32); counts[0, 0x3F80] = 3
+        >>> t = build_table(counts, torch.bfloat16, compact=True)
+        >>> t.u.tolist(), t.n.tolist()
+        ([[1.0]], [[3.0]])
+    """
+    values = pattern_values(dtype, counts.device)
+    symbolic = is_symbolic(counts)
+    if compact and symbolic:
+        raise ValueError("a compact table needs concrete shapes (not FakeTensor / compile)")
+    if compact is False or symbolic:
+        return _fixed_table(counts, values)
+    present = counts > 0
+    per_group = present.sum(1)
+    width = max(int(per_group.max()), 1)
+    groups = counts.shape[0]
+    if compact is None and groups * width > COMPACT_RATIO * counts.numel():
+        return _fixed_table(counts, values)
+    group, pattern = present.nonzero(as_tuple=True)  # group-major, so slots count up per group
+    starts = per_group.cumsum(0) - per_group
+    slot = torch.arange(group.numel(), device=counts.device) - starts[group]
+    slots = group * width + slot
+    full_rows = group * BINS + pattern
+    u = torch.zeros(groups * width, device=counts.device)
+    n = torch.zeros(groups * width, device=counts.device)
+    u[slots] = values[pattern]
+    n[slots] = counts.reshape(-1)[full_rows].float()
+    return Table(u.view(groups, width), n.view(groups, width), full_rows, slots)
+
+
+def _fixed_table(counts: torch.Tensor, values: torch.Tensor) -> Table:
+    u = torch.where(counts > 0, values.unsqueeze(0), torch.zeros((), device=counts.device))
+    return Table(u, counts.float())
+
+
+def check_finite_patterns(counts: torch.Tensor, dtype: torch.dtype) -> None:
+    """ValueError when a weight's 16-bit pattern is inf/NaN (no-op on symbolic shapes)."""
+    if is_symbolic(counts):
+        return
+    bad = int(counts[:, nonfinite_patterns(dtype, counts.device)].sum())
+    if bad:
+        raise ValueError(
+            f"weight has {bad} non-finite value(s) (NaN/inf, or beyond the 16-bit range after "
+            "rounding); DKM cannot cluster them"
+        )
+
+
+# ---- the autograd function ----------------------------------------------------------------------
 
 
 class UniqueDKM(torch.autograd.Function):
-    """Uniquified DKM (module docstring). Inputs: weight (out, in), centroids (G, K) fp32,
-    tau (G,) fp32, iters, groups, compact; outputs: soft weight (weight dtype), c_T (G, K)."""
+    """Uniquified DKM (module docstring). Inputs: weight, centroids (G, K) fp32, tau (G,) fp32,
+    iters, groups, compact, chunk; outputs: soft weight (weight's dtype), c_T (G, K) fp32."""
 
     @staticmethod
     def forward(
@@ -195,48 +394,83 @@ class UniqueDKM(torch.autograd.Function):
         iters: int,
         groups: int,
         compact: bool | None,
+        chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = pattern_dtype(weight)
-        idx = row_index(weight, groups)
-        u, n, rows = build_table(idx, groups, dtype, compact=compact)
-        c = table_iterations(u, n, centroids.float(), tau, iters)
-        table = _expand_rows(table_output(u, c, tau), rows)
-        soft = gather_rows(table, idx, weight.dtype).view(weight.shape)
-        # Nothing N-sized beyond the weight itself: the row index is recomputed in backward.
-        ctx.save_for_backward(weight, centroids, tau, u, n, c)
-        ctx.rows = rows
-        ctx.iters, ctx.groups = iters, groups
+        counts = histogram(weight, groups, chunk=chunk)
+        check_finite_patterns(counts, dtype)
+        table = build_table(counts, dtype, compact=compact)
+        del counts
+        c0 = centroids.detach().float()
+        c = table_iterations(table.u, table.n, c0, tau, iters)
+        soft = gather_table(
+            table.expand(table_output(table.u, c, tau)), weight, groups, chunk=chunk
+        )
+        # Nothing N-sized beyond the weight itself (which the layer holds anyway): the rows
+        # are recomputed from it in backward.
+        ctx.save_for_backward(weight, c0, tau)
+        ctx.table, ctx.iters, ctx.groups, ctx.chunk = table, iters, groups, chunk
         return soft, c
 
     @staticmethod
+    @once_differentiable
     def backward(
         ctx: Any, grad_soft: torch.Tensor | None, grad_c: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        weight, centroids, tau, u, n, c_final = ctx.saved_tensors
-        rows, groups = ctx.rows, ctx.groups
-        idx = row_index(weight, groups)
-        if grad_soft is None:
-            grad_soft = torch.zeros_like(weight)
-        g_bins = scatter_bins(idx, grad_soft, groups)
-        if rows is not None:
-            g_bins = g_bins[:, rows]
-        need_c = ctx.needs_input_grad[1]
+        weight, c0, tau = ctx.saved_tensors
+        table: Table = ctx.table
+        groups, chunk = ctx.groups, ctx.chunk
+        need_w, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_rows = None
+        if grad_soft is not None:
+            g_rows = table.reduce(scatter_bins(grad_soft, weight, groups, chunk=chunk))
         with torch.enable_grad():
-            u_cent = u.detach().requires_grad_(True)
-            c0 = centroids.detach().float().requires_grad_(need_c)
-            c_t = table_iterations(u_cent, n, c0, tau, ctx.iters)
-            table = table_output(u.detach(), c_t, tau)
-            loss = (table * g_bins).sum()
+            # u feeds the k-means iterations as a leaf; the final soft assignment sees u as a
+            # constant (its derivative is the closed-form local slope below).
+            u_iter = table.u.detach().requires_grad_(need_w)
+            c_start = c0.detach().requires_grad_(need_c)
+            c_t = table_iterations(u_iter, table.n, c_start, tau, ctx.iters)
+            loss = torch.zeros((), device=c0.device)
+            if g_rows is not None:
+                loss = loss + (table_output(table.u, c_t, tau) * g_rows).sum()
             if grad_c is not None:
                 loss = loss + (c_t * grad_c).sum()
-            inputs = [u_cent, c0] if need_c else [u_cent]
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-        d_u = grads[0] if grads[0] is not None else torch.zeros_like(u)
-        shared = torch.where(n > 0, d_u / torch.where(n > 0, n, torch.ones_like(n)), 0.0)
-        slope = local_slope(u, c_final, tau)
-        grad_w = weight_grad(grad_soft, idx, _expand_rows(slope, rows), _expand_rows(shared, rows))
-        grad_c0 = grads[1] if need_c else None
-        return grad_w.view(weight.shape).to(weight.dtype), grad_c0, None, None, None, None
+            leaves = [t for t, need in ((u_iter, need_w), (c_start, need_c)) if need]
+            grads = list(torch.autograd.grad(loss, leaves, allow_unused=True)) if leaves else []
+        grad_w = grad_c0 = None
+        if need_c:
+            grad_c0 = grads.pop()
+            if grad_c0 is None:
+                grad_c0 = torch.zeros_like(c0)
+        if need_w:
+            d_u = grads.pop()
+            n = table.n
+            shared = torch.zeros_like(n) if d_u is None else d_u / torch.where(n > 0, n, 1.0)
+            shared = torch.where(n > 0, shared, 0.0)
+            if grad_soft is None:
+                grad_w = table_gather_shared(table.expand(shared), weight, groups, chunk)
+            else:
+                slope = local_slope(table.u, c_t.detach(), tau)
+                grad_w = weight_grad(
+                    grad_soft,
+                    weight,
+                    table.expand(slope),
+                    table.expand(shared),
+                    groups,
+                    chunk=chunk,
+                )
+        return grad_w, grad_c0, None, None, None, None, None
+
+
+def table_gather_shared(
+    shared: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int
+) -> torch.Tensor:
+    """Weight gradient when only ``c_T`` received a gradient: ``H[b_i]`` (fp32 table)."""
+    out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+    flat = shared.reshape(-1)
+    for part, rows in _iter_rows(weight, groups, chunk):
+        out[part] = flat.index_select(0, rows)
+    return out.view(weight.shape)
 
 
 def unique_dkm(
@@ -247,11 +481,24 @@ def unique_dkm(
     iters: int,
     groups: int = 1,
     compact: bool | None = None,
+    chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniquified DKM on a weight split into ``groups`` LUT groups of consecutive rows.
+    """Uniquified DKM of a weight split into ``groups`` LUT groups of consecutive rows.
 
-    ``compact=None`` compacts the table when it can (not under FakeTensor/compile) and it is
-    smaller; True/False force it where allowed.
+    Inputs are assumed validated (``edkm.dkm.dkm_soft`` does it); non-finite weights raise
+    ``ValueError`` here too (from the histogram, no extra pass). ``compact=None`` picks the
+    table form by size; ``chunk`` is the block size of the N-sized passes.
+
+    Example:
+        >>> w = torch.tensor([[0.0, 1.0], [1.0, 4.0]])
+        >>> soft, c = unique_dkm(w, torch.tensor([[0.0, 4.0]]), tau=1e-3, iters=1)
+        >>> c.tolist()
+        [[0.6666666865348816, 4.0]]
     """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     tau_t = torch.as_tensor(tau, dtype=torch.float32, device=weight.device).expand(groups)
-    return UniqueDKM.apply(weight, centroids, tau_t.contiguous(), iters, groups, compact)
+    out: tuple[torch.Tensor, torch.Tensor] = UniqueDKM.apply(
+        weight, centroids, tau_t.contiguous(), iters, groups, compact, chunk
+    )
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
 from edkm.kernels._common import KERNEL_DTYPES, SIXTEEN_BIT, check_centroids, lut_groups
 from edkm.kernels.implicit import implicit_dkm
 from edkm.kernels.unique import BINS, unique_dkm

@@ -36,6 +36,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
+
 from edkm.kernels._common import (
     Backend,
     check_centroids,
@@ -43,7 +45,6 @@ from edkm.kernels._common import (
     temperatures,
     use_triton,
 )
-from torch.autograd.function import once_differentiable
 
 __all__ = ["DKMEngine", "dkm_reference", "implicit_dkm", "run_implicit"]
 

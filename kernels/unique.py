@@ -30,6 +30,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
+
 from edkm.kernels._common import (
     SIXTEEN_BIT,
     Backend,
@@ -39,7 +41,6 @@ from edkm.kernels._common import (
     use_triton,
 )
 from edkm.kernels.implicit import DKMEngine, backward_updates, engine_for, run_implicit
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "BINS",

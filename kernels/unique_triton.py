@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from edkm.kernels._common import interpreting, lut_groups, next_pow2
 from edkm.kernels.triton_ops import cast_rne, check_launchable, sort_ascending
 

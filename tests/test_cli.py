@@ -43,7 +43,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     empty.write_text("")
     folder = tmp_path / "not_a_model"
     folder.mkdir()
-    fill = {"txt": str(txt), "empty": str(empty), "missing": str(tmp_path / "missing"), "folder": str(folder)}
+    fill = {
+        "txt": str(txt),
+        "empty": str(empty),
+        "missing": str(tmp_path / "missing"),
+        "folder": str(folder),
+    }
     code = main([a.format(**fill) for a in argv])
     err = capsys.readouterr().err
     assert code == 2
@@ -60,9 +65,24 @@ def test_text_shorter_than_one_window(tmp_path, capsys):
     _save_tiny_with_tokenizer(make_tiny_llama(), model_dir)
     txt = tmp_path / "t.txt"
     txt.write_text("t1 t2 t3\n\nt4 t5\n\nt6\n\nt7 t8\n")
-    code = main(["eval", "--model", str(model_dir), "--data", str(txt), "--split", "all", "--seq-len", "64"])
+    code = main(
+        ["eval", "--model", str(model_dir), "--data", str(txt), "--split", "all", "--seq-len", "64"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "shorter than one window" in err
-    code = main(["eval", "--model", str(model_dir), "--data", str(txt), "--split", "all", "--seq-len", "4", "--json"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(txt),
+            "--split",
+            "all",
+            "--seq-len",
+            "4",
+            "--json",
+        ]
+    )
     assert code == 0
     assert '"windows": 2' in capsys.readouterr().out

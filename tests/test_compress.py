@@ -30,8 +30,12 @@ def test_full_run_writes_model_and_report(tiny, capsys):
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
     assert set(results) == {
-        "original", "rtn_3bit_per_tensor", "rtn_3bit_group128", "kmeans_3bit_per_tensor",
-        "edkm_soft", "edkm_hard_reloaded",
+        "original",
+        "rtn_3bit_per_tensor",
+        "rtn_3bit_group128",
+        "kmeans_3bit_per_tensor",
+        "edkm_soft",
+        "edkm_hard_reloaded",
     }
     assert all(r["ppl"] > 1 and r["windows"] == 3 for r in results.values())
     assert report["reload_logits_identical"] is True
@@ -41,8 +45,22 @@ def test_full_run_writes_model_and_report(tiny, capsys):
     assert "eDKM hard, reloaded" in md and "post-training k-means" in md
     assert "report:" in capsys.readouterr().out
     # the shipped folder reloads through the eval command too
-    assert main(["eval", "--model", str(out / "model"), "--data", str(tiny["data"]),
-                 "--seq-len", "16", "--max-windows", "3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(out / "model"),
+                "--data",
+                str(tiny["data"]),
+                "--seq-len",
+                "16",
+                "--max-windows",
+                "3",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,13 +108,18 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tiny):
     env = {**os.environ, "EDKM_NO_PROGRESS": "1"}
     base = [sys.executable, "-m", "edkm", "compress", "--config", str(tiny["recipe"]), "--quiet"]
     stopped = tiny["tmp"] / "stopped"
-    proc = subprocess.run([*base, "--out", str(stopped)], capture_output=True, text=True,
-                          env={**env, "EDKM_TEST_SIGTERM_AT_STEP": "3"})
+    proc = subprocess.run(
+        [*base, "--out", str(stopped)],
+        capture_output=True,
+        text=True,
+        env={**env, "EDKM_TEST_SIGTERM_AT_STEP": "3"},
+    )
     assert proc.returncode == 143, proc.stderr
     assert "SIGTERM received: stopped after step 3" in proc.stderr
     assert not (stopped / "report.json").exists()
-    proc = subprocess.run([*base, "--out", str(stopped), "--resume"], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [*base, "--out", str(stopped), "--resume"], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     whole = tiny["tmp"] / "whole"
     assert _run("--config", tiny["recipe"], "--out", whole, "--quiet") == 0

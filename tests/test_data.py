@@ -37,7 +37,11 @@ def test_split_is_stable_when_documents_are_added():
 def test_txt_and_jsonl_files(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("first doc\nline two\n\n\nsecond doc\n\nthird doc\n")
-    assert [d.text for d in load_documents(txt)] == ["first doc\nline two", "second doc", "third doc"]
+    assert [d.text for d in load_documents(txt)] == [
+        "first doc\nline two",
+        "second doc",
+        "third doc",
+    ]
     jl = tmp_path / "b.jsonl"
     jl.write_text(json.dumps({"text": "alpha", "title": "A"}) + "\n\n" + json.dumps("beta") + "\n")
     assert [(d.title, d.text) for d in load_documents(jl)] == [("A", "alpha"), ("", "beta")]

@@ -7,7 +7,7 @@ from edkm.models import load_model, resolve_model_path
 def test_missing_and_non_model_folders(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         resolve_model_path(tmp_path / "nope")
-    with pytest.raises(InputError, match="no config.json"):
+    with pytest.raises(InputError, match=r"no config\.json"):
         resolve_model_path(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(InputError, match="no weights"):
@@ -42,7 +42,7 @@ def test_local_folder_round_trip(tmp_path, tiny_llama):
 
 @pytest.mark.slow
 def test_default_model_is_smollm2():
-    model, tokenizer = load_model("default")
+    model, _tokenizer = load_model("default")
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size) == (30, 576)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)

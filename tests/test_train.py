@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 
@@ -22,8 +23,17 @@ def _palettized(seed=0):
     return model
 
 
-CFG = TrainConfig(steps=5, batch_size=2, grad_accum=2, seq_len=16, lr=1e-3, warmup_steps=1,
-                  checkpoint_every=2, device="cpu", autocast="off")
+CFG = TrainConfig(
+    steps=5,
+    batch_size=2,
+    grad_accum=2,
+    seq_len=16,
+    lr=1e-3,
+    warmup_steps=1,
+    checkpoint_every=2,
+    device="cpu",
+    autocast="off",
+)
 
 
 def test_schedules():
@@ -33,7 +43,7 @@ def test_schedules():
     assert lr_factor(12, cfg) == pytest.approx(0.5)
     taus = [tau_scale(s, cfg) for s in range(20)]
     assert taus[0] == 2.0 and taus[-1] == pytest.approx(0.02)
-    assert all(a > b for a, b in zip(taus, taus[1:]))
+    assert all(a > b for a, b in itertools.pairwise(taus))
 
 
 def test_block_order_is_a_seeded_permutation_per_epoch():
@@ -47,8 +57,16 @@ def test_block_order_is_a_seeded_permutation_per_epoch():
 def test_training_lowers_the_loss_and_logs_every_step(tmp_path):
     model = _palettized()
     blocks = _blocks(4)  # few blocks: the model can fit them
-    cfg = TrainConfig(steps=12, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1,
-                      checkpoint_every=100, device="cpu", autocast="off")
+    cfg = TrainConfig(
+        steps=12,
+        batch_size=4,
+        seq_len=16,
+        lr=3e-3,
+        warmup_steps=1,
+        checkpoint_every=100,
+        device="cpu",
+        autocast="off",
+    )
     state = train(model, blocks, cfg, run_dir=tmp_path, show_progress=False)
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
@@ -70,8 +88,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch):
     assert info.value.step == 3
     monkeypatch.delenv("EDKM_TEST_SIGTERM_AT_STEP")
     resumed = _palettized()  # a fresh process would start from a fresh model too
-    state = train(resumed, blocks, CFG, run_dir=tmp_path / "part", resume=True,
-                  show_progress=False)
+    state = train(resumed, blocks, CFG, run_dir=tmp_path / "part", resume=True, show_progress=False)
     assert state.step == CFG.steps
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()

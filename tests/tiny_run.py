@@ -32,8 +32,14 @@ def tiny_text(path: Path, docs: int = 30, words: int = 120, seed: int = 0) -> Pa
 
 def tiny_recipe(model: Path, data: Path, **train: object) -> Recipe:
     kwargs: dict[str, object] = dict(
-        steps=6, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=1, checkpoint_every=2,
-        device="cpu", autocast="off",
+        steps=6,
+        batch_size=2,
+        seq_len=16,
+        lr=1e-3,
+        warmup_steps=1,
+        checkpoint_every=2,
+        device="cpu",
+        autocast="off",
     )
     kwargs.update(train)
     return Recipe(

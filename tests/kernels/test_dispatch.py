@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from edkm.kernels import dkm_soft_triton
 from edkm.kernels.dispatch import choose_path
 from edkm.kernels.implicit import dkm_reference

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from edkm.kernels import implicit_dkm
 from edkm.kernels._common import use_triton
 from edkm.kernels.implicit import dkm_reference

@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from edkm.kernels import bit_histogram, gather_table, scatter_bins, unique_dkm, unique_grad
 from edkm.kernels.implicit import dkm_reference
 from edkm.kernels.unique import (
