@@ -1,0 +1,100 @@
+"""DKM's share of a training step of the default model, side by side in one run.
+
+Rows: the same optimizer step (forward, backward, AdamW) on the same batch of the default model
+(SmolLM2-135M), once as it is and once with every decoder Linear palettized at 3 bits per
+tensor (uniquified DKM, 3 iterations). The steps alternate (plain, DKM, plain, DKM, ...) so that
+both see the same machine state; the median of the timed steps is reported after warm-up steps.
+
+Usage:
+    python benchmarks/train_step.py [--batch 8] [--seq-len 256] [--steps 5] [--warmup 2]
+
+Writes benchmarks/results/train_step.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
+    parser.add_argument("--method", default="auto", help="DKM method (auto, unique, reference)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import edkm
+    from edkm.models import load_model
+
+    base, _ = load_model("default", dtype=torch.float32)
+    base.train()
+    plain = base
+    dkm = copy.deepcopy(base)
+    summary = edkm.palettize_(dkm, edkm.DKMConfig(bits=3, iters=3, method=args.method))
+    dkm.train()
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len), generator=gen)
+    opts = {
+        "plain": torch.optim.AdamW(plain.parameters(), lr=1e-5),
+        "dkm": torch.optim.AdamW(dkm.parameters(), lr=1e-5),
+    }
+    models = {"plain": plain, "dkm": dkm}
+    times: dict[str, list[float]] = {"plain": [], "dkm": []}
+    for i in range(args.warmup + args.steps):
+        for name in ("plain", "dkm"):
+            dt = _step(models[name], opts[name], batch)
+            if i >= args.warmup:
+                times[name].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    overhead = med["dkm"] / med["plain"] - 1
+    record = {
+        "benchmark": "train_step",
+        "device": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": "SmolLM2-135M-Instruct",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "dkm": {"bits": 3, "iters": 3, "method": args.method, "layers": summary.num_layers,
+                "weights": summary.num_params},
+        "median_step_s": med,
+        "all_step_s": times,
+        "dkm_overhead": overhead,
+        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train_step.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"| row | median step (s) | vs plain |")
+    print(f"|---|---:|---:|")
+    print(f"| plain step (no DKM) | {med['plain']:.3f} | 1.00 |")
+    print(f"| step with DKM on {summary.num_layers} layers | {med['dkm']:.3f} | {med['dkm'] / med['plain']:.2f} |")
+    print(f"DKM overhead: {overhead:.1%} of the plain step")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
