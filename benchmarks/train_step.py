@@ -79,19 +79,27 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct",
         "batch": args.batch,
         "seq_len": args.seq_len,
-        "dkm": {"bits": 3, "iters": 3, "method": args.method, "layers": summary.num_layers,
-                "weights": summary.num_params},
+        "dkm": {
+            "bits": 3,
+            "iters": 3,
+            "method": args.method,
+            "layers": summary.num_layers,
+            "weights": summary.num_params,
+        },
         "median_step_s": med,
         "all_step_s": times,
         "dkm_overhead": overhead,
-        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/train_step.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_step.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"| row | median step (s) | vs plain |")
-    print(f"|---|---:|---:|")
+    print("| row | median step (s) | vs plain |")
+    print("|---|---:|---:|")
     print(f"| plain step (no DKM) | {med['plain']:.3f} | 1.00 |")
-    print(f"| step with DKM on {summary.num_layers} layers | {med['dkm']:.3f} | {med['dkm'] / med['plain']:.2f} |")
+    print(
+        f"| step with DKM on {summary.num_layers} layers | {med['dkm']:.3f} | {med['dkm'] / med['plain']:.2f} |"
+    )
     print(f"DKM overhead: {overhead:.1%} of the plain step")
     return 0
 

@@ -164,7 +164,7 @@ def compress(
 
     out = Path(out)
     t_start = time.perf_counter()
-    model, tokenizer = load_model(recipe.model, dtype=torch.float32)
+    model, tokenizer = load_model(recipe.model, dtype=getattr(torch, recipe.train.weights_dtype))
     _, train_ids, eval_ids = _load_inputs(recipe, tokenizer)
     prepare_output(out, recipe, resume=resume, overwrite=overwrite)
 

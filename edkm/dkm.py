@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
@@ -144,6 +145,15 @@ def dkm_soft(
     Returns:
         (soft weight, same shape and dtype as ``weight``; new centroids (G, K) fp32).
 
+    Raises:
+        ValueError: bad shapes, bits outside 1..8, tau <= 0, iters < 0, non-finite weights.
+        NotImplementedError: ``method="triton"`` without ``edkm.kernels.dkm_soft_triton``.
+
+    With ``method="unique"`` the clustering sees the weight rounded to its 16-bit pattern
+    (bf16; fp16 for fp16 weights): for weights already representable there the result equals
+    the reference; otherwise it equals the reference applied to the rounded weight, and the
+    gradient flows straight through the rounding.
+
     Example:
         >>> w = torch.randn(8, 4)
         >>> soft, c = dkm_soft(w, torch.tensor([[-1.0, 1.0]]), tau=0.5, iters=1)
@@ -165,9 +175,11 @@ def dkm_soft(
         from edkm.unique import unique_dkm
 
         return unique_dkm(weight, centroids, tau=tau_t, iters=iters, groups=groups)
-    from edkm import kernels
-
+    kernels = importlib.import_module("edkm.kernels")  # lazily: it may import triton
     fn = getattr(kernels, "dkm_soft_triton", None)
-    if fn is None:  # pragma: no cover - the kernels package always has it
-        raise NotImplementedError("edkm.kernels provides no dkm_soft_triton")
+    if fn is None:
+        raise NotImplementedError(
+            "method='triton' needs edkm.kernels.dkm_soft_triton, which this install lacks; "
+            "use method='unique' or 'reference'"
+        )
     return fn(weight, centroids, tau=tau_t, iters=iters, group_size=group_size)

@@ -41,15 +41,18 @@ class TrainConfig(ConfigBase):
         seed: seeds the data order and every random number generator.
         max_train_tokens: cap on the tokens of the training split that are cut into blocks
             (0 = all of them).
+        weights_dtype: dtype the model is loaded and trained in: ``"float32"`` (fp32 master
+            weights; the uniquified DKM clusters their bf16 rounding) or ``"bfloat16"``
+            (half the memory for weights, gradients and AdamW state; DKM is exact on them).
     """
 
-    steps: int = 100
+    steps: int = 60
     batch_size: int = 8
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 1e-4
+    lr: float = 5e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = 8
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     tau_start: float = 1.0
@@ -57,9 +60,10 @@ class TrainConfig(ConfigBase):
     trainable: Literal["all", "palettized", "palettized+norms"] = "all"
     autocast: Literal["bf16", "off"] = "bf16"
     device: Literal["auto", "cpu"] = "auto"
-    checkpoint_every: int = 50
+    checkpoint_every: int = 20
     seed: int = 0
     max_train_tokens: int = 0
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):

@@ -119,11 +119,11 @@ def _blocks(groups: int, per_group: int, chunk: int) -> Iterator[tuple[int, int,
             yield g0, min(g0 + step, groups), 0, per_group
 
 
-def block_rows(block: torch.Tensor, g0: int) -> torch.Tensor:
-    """Flat int32 table row ``g * 65536 + pattern`` of every weight in a (groups, m) block.
+def block_rows(block: torch.Tensor, g0: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Table row ``g * 65536 + pattern`` of every weight in a (groups, m) block, int32.
 
-    fp32 weights are rounded to bf16 first (the pattern the clustering sees). Rows of groups
-    beyond 32,767 would overflow int32 and use int64.
+    fp32 weights are rounded to bf16 first (the pattern the clustering sees). ``out`` is a
+    reusable buffer of the block's shape (int64 when rows reach 2^31, beyond 32,767 groups).
 
     Example:
         >>> block_rows(torch.tensor([[1.0, -2.0]]).bfloat16(), 0).tolist()
@@ -131,41 +131,73 @@ def block_rows(block: torch.Tensor, g0: int) -> torch.Tensor:
     """
     if block.dtype not in (torch.bfloat16, torch.float16):
         block = block.to(torch.bfloat16)
-    big = (g0 + block.shape[0]) * BINS > torch.iinfo(torch.int32).max
-    rows = block.view(torch.uint16).to(torch.int64 if big else torch.int32)
+    if out is None:
+        big = (g0 + block.shape[0]) * BINS > torch.iinfo(torch.int32).max
+        out = torch.empty(
+            block.shape, dtype=torch.int64 if big else torch.int32, device=block.device
+        )
+    # Widen the signed int16 view and mask: a uint16 source has no vectorized copy on CPU
+    # (measured ~10x slower); both steps stay in cache when the block does.
+    rows = out.copy_(block.view(torch.int16)).bitwise_and_(0xFFFF)
     if g0 or block.shape[0] > 1:
         offsets = torch.arange(g0, g0 + block.shape[0], device=block.device, dtype=rows.dtype)
-        rows = rows.add_(offsets.mul_(BINS).unsqueeze(1))
+        rows.add_(offsets.mul_(BINS).unsqueeze(1))
     return rows
 
 
-def _iter_rows(
-    weight: torch.Tensor, groups: int, chunk: int
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(flat slice of the weight, its rows) per block; one block when shapes are symbolic."""
-    w = weight.detach().reshape(groups, -1)
-    per_group = w.shape[1]
-    if is_symbolic(weight):
-        chunk = max(weight.numel(), 1)
-    for g0, g1, m0, m1 in _blocks(groups, per_group, chunk):
-        rows = block_rows(w[g0:g1, m0:m1], g0)
-        if m1 - m0 == per_group:
-            yield slice(g0 * per_group, g1 * per_group), rows.reshape(-1)
-        else:
-            yield slice(g0 * per_group + m0, g0 * per_group + m1), rows.reshape(-1)
+class _Blocks:
+    """Blocks of a weight viewed as (groups, per_group), with one scratch buffer for the rows
+    (and one for bf16 rounding of fp32 weights) reused by every block: fresh N- or block-sized
+    allocations cost page faults that dominate these cheap passes. One block when shapes are
+    symbolic (FakeTensor / compile): nothing is allocated there, and graphs stay small."""
+
+    def __init__(self, weight: torch.Tensor, groups: int, chunk: int) -> None:
+        self.w = weight.detach().reshape(groups, -1)
+        self.groups, self.per_group = groups, self.w.shape[1]
+        if is_symbolic(weight):
+            chunk = max(weight.numel(), 1)
+        self.spans = list(_blocks(groups, self.per_group, chunk))
+        self.size = max(((g1 - g0) * (m1 - m0) for g0, g1, m0, m1 in self.spans), default=0)
+        big = groups * BINS > torch.iinfo(torch.int32).max
+        dev = weight.device
+        self._rows = torch.empty(self.size, dtype=torch.int64 if big else torch.int32, device=dev)
+        self._w16 = None
+        if self.w.dtype not in (torch.bfloat16, torch.float16):
+            self._w16 = torch.empty(self.size, dtype=torch.bfloat16, device=dev)
+
+    def scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        """A block-sized buffer for a pass's own temporaries."""
+        return torch.empty(self.size, dtype=dtype, device=self.w.device)
+
+    def __iter__(self) -> Iterator[tuple[slice, tuple[slice, slice], torch.Tensor]]:
+        """``(flat slice, (group slice, column slice), rows)``; ``rows`` (flat, int) is
+        overwritten by the next block: use it before advancing."""
+        for g0, g1, m0, m1 in self.spans:
+            shape = (g1 - g0, m1 - m0)
+            n = shape[0] * shape[1]
+            block = self.w[g0:g1, m0:m1]
+            if self._w16 is not None:
+                block = self._w16[:n].view(shape).copy_(block)  # round to nearest even
+            rows = block_rows(block, g0, self._rows[:n].view(shape))
+            start = g0 * self.per_group + m0
+            yield slice(start, start + n), (slice(g0, g1), slice(m0, m1)), rows.view(-1)
 
 
 def histogram(weight: torch.Tensor, groups: int, *, chunk: int = CHUNK) -> torch.Tensor:
     """(G, 65536) int32 pattern counts per group, by scatter-add into zeros (fixed shape).
+
+    int32, not fp32: fp32 stops counting at 2^24, and one value (zeros of a pruned layer) can
+    occur more often than that.
 
     Example:
         >>> histogram(torch.tensor([1.0, 1.0, 2.0]), 1)[0, 0x3F80].item()
         2
     """
     counts = torch.zeros(groups * BINS, dtype=torch.int32, device=weight.device)
-    one = torch.ones((), dtype=torch.int32, device=weight.device)
-    for _, rows in _iter_rows(weight, groups, chunk):
-        counts.index_add_(0, rows, one.expand(rows.numel()))
+    blocks = _Blocks(weight, groups, chunk)
+    one = torch.ones((), dtype=torch.int32, device=weight.device).expand(blocks.size)
+    for _, _, rows in blocks:
+        counts.index_add_(0, rows, one[: rows.numel()])
     return counts.view(groups, BINS)
 
 
@@ -179,11 +211,20 @@ def gather_table(
         >>> gather_table(t, torch.tensor([1.0, 2.0]), 1).tolist()
         [5.0, 0.0]
     """
-    flat_table = table.reshape(-1).to(weight.dtype)  # cast once: the gather writes final values
+    # cast the table once (<= G * 128 KiB): the gather then writes final values, 2 B a weight
+    flat_table = table.reshape(-1).to(weight.dtype)
     out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
-    for part, rows in _iter_rows(weight, groups, chunk):
+    for part, _, rows in _Blocks(weight, groups, chunk):
         torch.index_select(flat_table, 0, rows, out=out[part])
     return out.view(weight.shape)
+
+
+def _grad_block(grad2d: torch.Tensor, span: tuple[slice, slice], buf: torch.Tensor) -> torch.Tensor:
+    """The fp32 flat upstream gradient of one block (a view when it already is one)."""
+    block = grad2d[span]
+    if block.dtype == torch.float32 and block.is_contiguous():
+        return block.reshape(-1)
+    return buf[: block.numel()].view(block.shape).copy_(block).view(-1)
 
 
 def scatter_bins(
@@ -196,9 +237,10 @@ def scatter_bins(
         3.0
     """
     out = torch.zeros(groups * BINS, dtype=torch.float32, device=weight.device)
-    flat = grad.reshape(-1)
-    for part, rows in _iter_rows(weight, groups, chunk):
-        out.index_add_(0, rows, flat[part].float())
+    blocks = _Blocks(weight, groups, chunk)
+    grad2d, buf = grad.reshape(groups, -1), blocks.scratch(torch.float32)
+    for _, span, rows in blocks:
+        out.index_add_(0, rows, _grad_block(grad2d, span, buf))
     return out.view(groups, BINS)
 
 
@@ -221,12 +263,19 @@ def weight_grad(
     # D and H side by side: one 8-byte gather per weight instead of two 4-byte ones.
     pair = torch.stack([slope.reshape(-1), shared.reshape(-1)], dim=1).contiguous()
     pair64 = pair.view(torch.float64).view(-1)
-    flat = grad.reshape(-1)
     out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
-    for part, rows in _iter_rows(weight, groups, chunk):
-        dh = pair64.index_select(0, rows).view(torch.float32).view(-1, 2)
-        value = torch.addcmul(dh[:, 1], flat[part].float(), dh[:, 0])
-        out[part] = value  # casts to the weight's dtype in the copy
+    blocks = _Blocks(weight, groups, chunk)
+    grad2d, gbuf = grad.reshape(groups, -1), blocks.scratch(torch.float32)
+    dh_buf = blocks.scratch(torch.float64)
+    vbuf = None if weight.dtype == torch.float32 else blocks.scratch(torch.float32)
+    for part, span, rows in blocks:
+        n = rows.numel()
+        g = _grad_block(grad2d, span, gbuf)
+        dh = torch.index_select(pair64, 0, rows, out=dh_buf[:n]).view(torch.float32).view(n, 2)
+        if vbuf is None:
+            torch.addcmul(dh[:, 1], g, dh[:, 0], out=out[part])
+        else:
+            out[part].copy_(torch.addcmul(dh[:, 1], g, dh[:, 0], out=vbuf[:n]))
     return out.view(weight.shape)
 
 
@@ -466,10 +515,10 @@ def table_gather_shared(
     shared: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int
 ) -> torch.Tensor:
     """Weight gradient when only ``c_T`` received a gradient: ``H[b_i]`` (fp32 table)."""
+    flat_table = shared.reshape(-1).to(weight.dtype)
     out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
-    flat = shared.reshape(-1)
-    for part, rows in _iter_rows(weight, groups, chunk):
-        out[part] = flat.index_select(0, rows)
+    for part, _, rows in _Blocks(weight, groups, chunk):
+        torch.index_select(flat_table, 0, rows, out=out[part])
     return out.view(weight.shape)
 
 
