@@ -142,11 +142,14 @@ def median_time(
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    from torch._subclasses.fake_tensor import is_fake
+
     seen: set[int] = set()
     total = 0
     for t in tensors:
         storage = t.untyped_storage()
-        key = id(storage) if t.device.type == "meta" else storage.data_ptr()
+        symbolic = t.device.type == "meta" or is_fake(t)
+        key = id(storage) if symbolic else storage.data_ptr()
         if key not in seen:
             seen.add(key)
             total += storage.nbytes()
@@ -200,17 +203,43 @@ def _rss_child(conn: Any, fn: Callable[..., object], args: tuple[Any, ...]) -> N
         # run is measured; what setup allocates is the baseline.
         run = fn(*args)
         gc.collect()
+        reset = _reset_peak_rss()
         before = _current_rss()
         run_start = time.perf_counter()
         assert callable(run)
         run()
         elapsed = time.perf_counter() - run_start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        conn.send({"peak_rss_delta": max(0, peak - before), "seconds": elapsed, "error": None})
+        peak = _peak_rss() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        conn.send(
+            {
+                "peak_rss_delta": max(0, peak - before),
+                "seconds": elapsed,
+                "peak_reset": reset,
+                "error": None,
+            }
+        )
     except BaseException as err:  # report to the parent rather than dying silently
         conn.send({"peak_rss_delta": None, "seconds": None, "error": repr(err)})
     finally:
         conn.close()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so setup's peak does not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def _current_rss() -> int:
@@ -221,11 +250,11 @@ def _current_rss() -> int:
 def subprocess_peak_rss(fn: Callable[..., object], *args: Any, timeout: float = 3600.0) -> Record:
     """Peak RSS growth (bytes) of one run in a fresh ``spawn``-ed interpreter (Linux).
 
-    ``fn(*args)`` runs in the child and does the setup (build inputs); it must return a
-    zero-argument callable, the measured run. The result is the child's peak RSS minus its RSS
-    just before the run, which the peak cannot go below: it holds only if the peak is reached
-    during the run (true when the run allocates more than the setup, as a benchmark's does).
-    ``fn`` must be importable (a module-level function).
+    ``fn(*args)`` runs in the child and does the setup (build inputs, warm up); it must return
+    a zero-argument callable, the measured run. The result is the child's peak RSS during the
+    run minus its RSS just before it: the kernel's peak mark is reset before the run (Linux
+    ``clear_refs``; ``peak_reset`` says whether that worked — if not, the lifetime peak is used,
+    which includes the setup). ``fn`` must be importable (a module-level function).
 
     Example:
         >>> subprocess_peak_rss(_demo_setup, 1 << 22)["peak_rss_delta"] > 8 << 20  # doctest: +SKIP

@@ -3,13 +3,16 @@
 ``init_centroids`` gives the first DKM centroids of every LUT group (the whole tensor, or one
 group of ``group_size`` consecutive output channels): k-means++ seeding or evenly spaced
 quantiles, both refined by Lloyd iterations, seeded and deterministic. Big groups are seeded on
-a fixed-size random subsample (``sample`` weights; the subsample is drawn with the seed), then
-the Lloyd refinement runs on the whole group in chunks. Centroids are distinct even when a group
+a fixed-size random subsample (``sample`` weights; the subsample is drawn with the seed), and
+refined by Lloyd iterations on that subsample. Centroids are distinct even when a group
 has fewer distinct values than centroids (spare centroids are spread between the present values),
 and returned sorted.
 
 ``hard_assign`` gives each weight the index of its nearest centroid (ties to the lower index),
 chunked so that it never materializes N x K at once.
+
+Big groups: k-means++ (or the quantiles) run on a seeded subsample of ``sample`` weights drawn
+with replacement; the Lloyd refinement then runs on the whole group, chunk by chunk.
 
 Example:
     >>> import torch
@@ -127,41 +130,63 @@ def init_centroids(
     for row in groups.cpu():
         x = row
         if x.numel() > sample:
-            x = x[torch.randperm(x.numel(), generator=gen)[:sample]]
+            # with replacement: a permutation of a 45M-weight group would cost 360 MB
+            x = x[torch.randint(0, x.numel(), (sample,), generator=gen)]
         if method == "quantile":
             seeds = torch.quantile(x, (torch.arange(k, dtype=torch.float32) + 0.5) / k)
         else:
             seeds = _kmeanspp(x, k, gen)
         lo, hi = float(row.min()), float(row.max())
         c = _spread(seeds, k, lo, hi)
-        c = _spread(_lloyd(row, c, lloyd_iters), k, lo, hi)
+        # Lloyd on the subsample too: an initialisation only has to be close; DKM (or the
+        # k-means baseline's own Lloyd steps) refine on all weights afterwards.
+        c = _spread(_lloyd(x, c, lloyd_iters), k, lo, hi)
         out.append(c)
     return torch.stack(out).to(weight.device)
+
+
+def _nearest_index(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted centroids and, per sorted position, the lowest original index with that value."""
+    sorted_c, order = torch.sort(c, stable=True)
+    new_run = torch.ones_like(sorted_c, dtype=torch.bool)
+    new_run[1:] = sorted_c[1:] != sorted_c[:-1]
+    run = new_run.cumsum(0) - 1
+    first = order[new_run.nonzero().squeeze(1)][run]  # stable sort: a run starts at its min index
+    return sorted_c, first
 
 
 def hard_assign(
     weight: torch.Tensor, centroids: torch.Tensor, group_size: int | None = None
 ) -> torch.Tensor:
-    """uint8 index of each weight's nearest centroid (ties to the lower index), weight's shape.
+    """uint8 index of each weight's nearest centroid, in the weight's shape.
 
-    Centroids need not be sorted. Works chunk by chunk: memory O(chunk), never N x K.
+    Nearest means the smallest ``|w - c_j|`` computed in fp32, ties to the lower index, i.e.
+    ``argmin_j |w - c_j|`` (only two neighbours in sorted order are compared, which equals the
+    full argmin unless fp32 rounding makes a farther centroid's distance tie with them). Works
+    chunk by chunk with a binary search: memory O(chunk), never N x K.
 
     Example:
         >>> hard_assign(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([[1.0, 0.0]])).tolist()
-        [1, 0, 1]
+        [1, 0, 0]
     """
     groups = group_rows(weight, group_size)
     if centroids.dim() != 2 or centroids.shape[0] != groups.shape[0]:
         raise ValueError(
             f"centroids must be ({groups.shape[0]}, K) for this weight, got {tuple(centroids.shape)}"
         )
+    k = centroids.shape[1]
+    if not 1 <= k <= 256:
+        raise ValueError(f"uint8 indices hold at most 256 centroids, got {k}")
     out = torch.empty(groups.shape, dtype=torch.uint8, device=weight.device)
     for g in range(groups.shape[0]):
-        c = centroids[g].float()
-        # sort with a stable order so that ties between equal centroids keep the lower index
-        sorted_c, order = torch.sort(c, stable=True)
+        sorted_c, first = _nearest_index(centroids[g].float())
         for start in range(0, groups.shape[1], CHUNK):
             part = groups[g, start : start + CHUNK]
-            pos = nearest(part, sorted_c)
-            out[g, start : start + CHUNK] = order[pos].to(torch.uint8)
+            # insertion point: sorted_c[pos - 1] < w <= sorted_c[pos]; compare both neighbours
+            pos = torch.searchsorted(sorted_c, part)
+            lo, hi = (pos - 1).clamp_min(0), pos.clamp_max(k - 1)
+            d_lo, d_hi = (part - sorted_c[lo]).abs(), (part - sorted_c[hi]).abs()
+            i_lo, i_hi = first[lo], first[hi]
+            take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (i_hi < i_lo))
+            out[g, start : start + CHUNK] = torch.where(take_hi, i_hi, i_lo).to(torch.uint8)
     return out.reshape(weight.shape)

@@ -135,7 +135,7 @@ def _baselines(
         runs = {
             f"rtn_{bits}bit_per_tensor": lambda m: rtn_(m, bits, config=recipe.dkm),
             f"rtn_{bits}bit_group128": lambda m: rtn_(m, bits, group_size=128, config=recipe.dkm),
-            f"kmeans_{bits}bit_per_tensor": lambda m: kmeans_(m, bits, config=recipe.dkm),
+            f"kmeans_{bits}bit_per_tensor": lambda m: kmeans_(m, bits, config=recipe.dkm, iters=10),
         }
         for name, apply in runs.items():
             clone = copy.deepcopy(model)

@@ -6,8 +6,9 @@ whole tensor, or ``group_size`` consecutive output channels): weights ``w_i``, c
 caller's warm start)::
 
     A_t,ij  = softmax_j(-(w_i - c_t,j)^2 / tau)                          t = 0 .. iters-1
-    c_t+1,j = sum_i A_t,ij w_i / sum_i A_t,ij      (an empty cluster, sum_i A_t,ij == 0,
-                                                    keeps its centroid, in every method)
+    c_t+1,j = sum_i A_t,ij w_i / sum_i A_t,ij      (an empty cluster, sum_i A_t,ij <= 2^-63
+                                                    (edkm.unique.MIN_MASS), keeps its
+                                                    centroid, in every method)
     soft_i  = sum_j softmax_j(-(w_i - c_T,j)^2 / tau) c_T,j
 
 and returns ``(soft weight in the weight's dtype and shape, c_T as (G, K) fp32)``. Backward

@@ -122,13 +122,20 @@ def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch
 
 
 class _SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (handlers restored on exit)."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps (handlers restored on exit).
+
+    A second Ctrl-C stops at once (no checkpoint for the step in flight; the previous one
+    stays valid).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            # a second Ctrl-C: the user does not want to wait for the step to finish
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self) -> _SignalFlag:

@@ -54,6 +54,13 @@ COMPACT_RATIO = 0.5
 # Weights per block in the N-sized passes: 2^18 keeps one block's int32 rows and fp32
 # gradients (1 MiB each) in L2, so each pass reads the weight once from memory.
 CHUNK = 1 << 18
+# A cluster whose mass ``s0 = sum_i a_ij`` (in weights) is at most this counts as empty and
+# keeps its centroid. Its update ``s1 / s0`` has derivative ``-c / s0``: for a subnormal s0 that
+# overflows fp32 and backward returns NaN even for a zero upstream gradient (0 * inf), in every
+# method. 2^-63 = sqrt(fp32 smallest normal) bounds 1/s0 by 2^63; such a cluster moves the soft
+# weights by at most 2^-63 |c|. The same absolute bound in every compute dtype, so the fp64
+# oracle of the tests follows the same rule.
+MIN_MASS = 2.0**-63
 
 
 def is_symbolic(t: torch.Tensor) -> bool:
@@ -295,7 +302,7 @@ def soft_assign(u: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Te
 
 def centroid_update(a: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """One k-means update ``sum_i a_ij x_i / sum_i a_ij`` over dim 1; an empty cluster
-    (``sum_i a_ij == 0``, e.g. underflow) keeps its centroid. Shared by every method.
+    (``sum_i a_ij <= MIN_MASS``, e.g. underflow) keeps its centroid. Shared by every method.
 
     Example:
         >>> a = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
@@ -304,7 +311,7 @@ def centroid_update(a: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.
     """
     s0 = a.sum(1)
     s1 = (a * x.unsqueeze(-1)).sum(1)
-    present = s0 > 0
+    present = s0 > MIN_MASS
     return torch.where(present, s1 / torch.where(present, s0, torch.ones_like(s0)), c)
 
 

@@ -3,22 +3,45 @@ method dispatch, and the input checks.
 
 Error rule (as for every fast path): the error of ``unique`` against an fp64 reference is at most
 twice the fp32 reference's own error plus a small multiple of the tensor's scale.
+
+Conditioning. A centroid update ``c = s1 / s0`` of a nearly empty cluster (tiny mass ``s0``,
+e.g. few distinct values and many centroids, or centroids far outside the data) is
+ill-conditioned: its derivative is ``-c / s0``, and when every weight sits on one value the
+true centroid gradient is 0 while each method computes it as a cancellation of terms of size
+``eps * |c| / s0`` — rounding garbage that differs between methods and dtypes (relative errors
+of 1e25 for the fp32 reference against the fp64 oracle have been seen). Measured against the
+fp64 oracle with the fp32 reference's own error as the yardstick, such draws stay well posed:
+the bound grows with the problem's conditioning, not with any difference between methods.
+Clusters below ``edkm.unique.MIN_MASS`` count as empty in every dtype, so fp32 and fp64 agree
+on which clusters move (they did not when only an exact 0 counted: fp32 froze clusters whose
+fp64 mass was 1e-60, a 50% centroid difference that was neither method's fault).
 """
 
 from __future__ import annotations
 
 import sys
 import types
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 
 from edkm.dkm import dkm_reference, dkm_soft
 from edkm.unique import unique_dkm
 
 NAMES = ("soft", "centroids", "grad_weight", "grad_centroids")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tensors are small, and on a loaded machine torch's thread
+    pool makes small ops 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def bf16_exact(t: torch.Tensor) -> torch.Tensor:
@@ -77,7 +100,9 @@ def assert_error_rule(out, ref32, ref64, *, rel: float = 1e-5, factor: float = 2
         assert err <= factor * ref_err + rel * scale, (name, err, ref_err, scale)
 
 
-def check_unique_vs_reference(w, c, *, tau, iters, group_size=None, weight=None, **unique_kw):
+def check_unique_vs_reference(
+    w, c, *, tau, iters, group_size=None, weight=None, factor=2.0, **unique_kw
+):
     """``unique`` on ``weight`` (default ``w``) against the references on ``w``."""
     kw = {"tau": tau, "iters": iters, "group_size": group_size}
     ref32 = run(dkm_soft, w, c, method="reference", **kw)
@@ -89,7 +114,7 @@ def check_unique_vs_reference(w, c, *, tau, iters, group_size=None, weight=None,
         out = run(unique_dkm, w, c, tau=tau_t, iters=iters, groups=groups, **unique_kw)
     else:
         out = run(dkm_soft, w, c, method="unique", **kw)
-    assert_error_rule(out, ref32, ref64)
+    assert_error_rule(out, ref32, ref64, factor=factor)
     return out, ref32
 
 
@@ -113,6 +138,11 @@ def test_unique_matches_reference_both_tables(shape, bits, iters, group_size, co
     groups = 1 if group_size is None else shape[0] // group_size
     w, c = make_case(shape, bits, groups=groups, seed=3)
     check_unique_vs_reference(w, c, tau=0.1, iters=iters, group_size=group_size, compact=compact)
+
+
+def test_unique_matches_reference_irregular_large():
+    w, c = make_case((1823, 391), 3, seed=15, scale=0.02)  # 713k weights, odd sizes
+    check_unique_vs_reference(w, c, tau=2e-5, iters=1)
 
 
 def test_unique_matches_reference_million_weights():
@@ -150,12 +180,43 @@ def test_constant_weight_many_centroids():
     check_unique_vs_reference(w, c, tau=0.5, iters=3)
 
 
+@pytest.mark.parametrize("method", ["reference", "unique"])
+def test_subnormal_cluster_mass_counts_as_empty(method, monkeypatch):
+    # 320 weights at 0.5; the far centroid's attention exp(-98) * 320 ~ 1e-40 is subnormal,
+    # not 0. Its update s1/s0 has derivative -c/s0 ~ 1e40: fp32 backward gave inf/NaN (NaN even
+    # for a zero upstream gradient) when only an exact 0 counted as empty.
+    w = torch.full((20, 16), 0.5)
+    c = torch.tensor([[0.5, 0.5 + 0.9899]])
+    import edkm.unique as U
+
+    _, c_t, gw, gc = run(dkm_soft, w, c, tau=0.01, iters=2, method=method)
+    assert c_t[0].tolist() == [0.5, c[0, 1].item()]  # the far cluster keeps its centroid
+    assert torch.isfinite(gw).all() and torch.isfinite(gc).all()
+    monkeypatch.setattr(U, "MIN_MASS", 0.0)  # the old rule: the bug this guards against
+    _, _, gw, gc = run(dkm_soft, w, c, tau=0.01, iters=2, method=method)
+    assert not (torch.isfinite(gw).all() and torch.isfinite(gc).all())
+
+
+def test_few_values_many_centroids_nearly_empty_clusters():
+    # 3 values, 256 centroids spread over and beyond them: most clusters are nearly empty and
+    # the centroid gradient is ill-conditioned (module docstring). Held to the error rule
+    # against the fp64 oracle, and unique to the fp32 reference relative to each result's norm.
+    gen = torch.Generator().manual_seed(14)
+    w = torch.tensor([-0.75, 0.0, 1.25])[torch.randint(0, 3, (40, 30), generator=gen)]
+    c = torch.linspace(-3.0, 3.0, 256).view(1, -1)
+    out, ref32 = check_unique_vs_reference(w, c, tau=0.05, iters=2)
+    for name, a, b in zip(NAMES, out, ref32):
+        assert torch.isfinite(a).all(), name
+        err = float((a - b).norm()) / max(float(b.norm()), 1e-30)
+        assert err < 1e-5, (name, err)
+
+
 def test_empty_cluster_keeps_centroid_in_both_methods():
     # tau tiny: the far centroid's weights exp(-d^2/tau) underflow to exactly 0
     w = bf16_exact(torch.linspace(-1, 1, 64))
     c = torch.tensor([[-0.5, 0.5, 1e4, 2e4]])
     for method in ("reference", "unique"):
-        soft, c_t, gw, gc = run(dkm_soft, w, c, tau=1e-3, iters=2, method=method)
+        _, c_t, gw, gc = run(dkm_soft, w, c, tau=1e-3, iters=2, method=method)
         assert c_t[0, 2:].tolist() == [1e4, 2e4]
         assert torch.isfinite(gw).all() and torch.isfinite(gc).all()
     out = run(dkm_soft, w, c, tau=1e-3, iters=2, method="unique")
@@ -227,7 +288,7 @@ def test_fp32_weights_round_to_bf16_with_straight_through_gradient():
     assert out[2].dtype == torch.float32
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     rows=st.integers(1, 24),
     cols=st.integers(1, 24),
@@ -245,22 +306,19 @@ def test_property_unique_matches_reference(
     gen = torch.Generator().manual_seed(seed)
     pool = bf16_exact(torch.randn(distinct, generator=gen))
     w = pool[torch.randint(0, distinct, (rows, cols), generator=gen)]
-    c = torch.sort(torch.randn(groups, 1 << bits, generator=gen), dim=1)[0]
-    # A cluster whose mass is subnormal but not 0 passes the empty-cluster guard, and fp32
-    # backward through its division overflows in every method (the fp64 oracle does not):
-    # such draws say nothing about uniquification.
-    ref32 = run(
-        dkm_soft,
+    # centroids drawn independently of the data: with few distinct values many clusters are
+    # (nearly) empty, the ill-conditioned case of the module docstring; no draw is discarded
+    c = torch.sort(torch.randn(groups, 1 << bits, generator=gen) * 2, dim=1)[0]
+    # factor 4, not 2: on a handful of weights at small tau the fp32 reference's max error is a
+    # noisy yardstick (two fp32 evaluations in different orders; ratios up to 2.3 seen in 400
+    # random draws, all at rounding level relative to the terms that cancel)
+    check_unique_vs_reference(
         w,
         c,
         tau=10.0**log_tau,
         iters=iters,
-        method="reference",
         group_size=rows // groups if groups > 1 else None,
-    )
-    assume(all(bool(torch.isfinite(t).all()) for t in ref32))
-    check_unique_vs_reference(
-        w, c, tau=10.0**log_tau, iters=iters, group_size=rows // groups if groups > 1 else None
+        factor=4.0,
     )
 
 
@@ -329,7 +387,12 @@ def test_fake_tensor_fixed_table_forward_backward():
     ],
 )
 def test_clear_errors(method, kwargs, match):
-    args = {"weight": torch.zeros(4, 4), "centroids": torch.zeros(1, 4), "tau": 0.1, "iters": 1}
+    args: dict[str, Any] = {
+        "weight": torch.zeros(4, 4),
+        "centroids": torch.zeros(1, 4),
+        "tau": 0.1,
+        "iters": 1,
+    }
     args.update(kwargs)
     method = args.pop("method_override", method)
     with pytest.raises(ValueError, match=match):

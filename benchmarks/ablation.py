@@ -1,0 +1,403 @@
+"""eDKM memory ablation: one LLaMA-7B decoder layer, 3-bit DKM on its 7 Linear weights.
+
+The layer is transformers' ``LlamaDecoderLayer`` (hidden 4096, MLP 11008, 32 heads; 202M
+Linear parameters) in bf16 with SDPA attention; batch 1, sequence 2048; one forward plus the
+backward of a fixed upstream gradient of the layer output (a layer in the middle of a network:
+its input takes a gradient too). Every Linear weight goes through per-tensor 3-bit DKM (8
+centroids, 3 k-means iterations) in the forward.
+
+Rows (cumulative, as in the paper's table):
+
+- ``no DKM``: the plain layer, the floor;
+- ``reference DKM``: ``dkm_soft(method="reference")``, the paper's baseline (N x K attention
+  maps kept for backward);
+- ``+ marshaling``: the same under :class:`edkm.offload.SavedTensorOffload` around each DKM
+  Linear (DKM and its matmul; the Linear's input stays put, as in the floor), storages of 1 MiB
+  and more go to host memory, one copy per storage;
+- ``+ uniquification``: marshaling with ``dkm_soft(method="unique")``;
+- ``+ sharding``: pending until the sharding issue lands;
+- ``all techniques``: every technique that has landed (today marshaling + uniquification);
+- ``implicit-attention kernel``: ``edkm.kernels.implicit_dkm`` alone, and with marshaling.
+
+Columns: peak device memory (tensor bytes alive at the peak, the layer's weights, input,
+upstream gradient and weight gradients included); memory attributable to DKM (the row's peak
+minus the floor's); bytes moved to host (the offload hooks' counters); reduction of the DKM
+memory versus reference DKM.
+
+How the numbers are obtained (``--mode``):
+
+- ``fake``: everything is built and run under ``FakeTensorMode`` (shapes only, nothing
+  allocated) and measured with PyTorch's ``MemTracker`` (:func:`edkm.memory.measure_peak`).
+  The offload hooks run for real on the fake tensors; their host copies are allocated in the
+  host pool, which the measurement keeps out of the device figure.
+- ``real``: the same with real tensors on the CPU (use a reduced ``--width``); host copies are
+  real, separate CPU storages, again kept out of the device figure.
+- ``cuda``: real tensors on a GPU, ``torch.cuda.max_memory_allocated``.
+
+``--width W`` scales hidden and MLP sizes by W/4096 (heads keep 128 dims); ``--compare`` runs
+the fake and real modes at the same reduced size and reports their ratio per row.
+
+Examples:
+    python benchmarks/ablation.py                      # full size, FakeTensor
+    python benchmarks/ablation.py --compare --width 256 --seq 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks._common import (
+    RESULTS,
+    Record,
+    environment,
+    fmt_bytes,
+    print_table,
+    write_records,
+)
+from edkm.memory import measure_peak
+from edkm.offload import SavedTensorOffload
+
+BITS = 3
+ITERS = 3
+STD = 0.02  # LLaMA's init spread; tau = 0.05 * var(w), the DKMConfig default relative tau
+TAU = 0.05 * STD**2
+
+# name -> (DKM method or None, marshaling)
+ROWS: list[tuple[str, str | None, bool]] = [
+    ("no DKM", None, False),
+    ("reference DKM", "reference", False),
+    ("+ marshaling", "reference", True),
+    ("+ uniquification", "unique", True),
+    ("+ sharding", "pending", True),
+    ("all techniques", "unique", True),
+    ("implicit-attention kernel", "implicit", False),
+    ("implicit + marshaling", "implicit", True),
+]
+
+
+class DKMLinearBench(nn.Module):
+    """A Linear whose weight goes through DKM each forward (optionally under the offload hooks).
+
+    ``edkm.palettize_`` is not used here: its wrap-time checks read the weight's values (finite
+    check, k-means++ init), which FakeTensors do not have. The DKM call is the same.
+    """
+
+    centroids: torch.Tensor
+
+    def __init__(self, linear: nn.Linear, method: str, offload: SavedTensorOffload | None):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.method = method
+        self.offload = offload
+        w = linear.weight
+        # warm-start centroids: evenly spaced over +-3 std (values do not change the memory)
+        c = torch.linspace(-3 * STD, 3 * STD, 1 << BITS, device=w.device, dtype=torch.float32)
+        self.register_buffer("centroids", c.view(1, -1))
+
+    def soft_weight(self) -> torch.Tensor:
+        if self.method == "implicit":
+            from edkm.kernels import implicit_dkm
+
+            soft, _ = implicit_dkm(self.weight, self.centroids, tau=TAU, iters=ITERS)
+        elif self.method == "unique":
+            from edkm.unique import unique_dkm
+
+            # the fixed 65,536-row table: the shape-static form that FakeTensors can measure.
+            # (dkm_soft may pick a compact table for real weights, which only needs less.)
+            tau = torch.full((1,), TAU, device=self.weight.device)
+            soft, _ = unique_dkm(self.weight, self.centroids, tau=tau, iters=ITERS, compact=False)
+        else:
+            from edkm.dkm import dkm_soft
+
+            soft, _ = dkm_soft(
+                self.weight, self.centroids, tau=TAU, iters=ITERS, method=self.method
+            )
+        return soft
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offload is None:
+            return F.linear(x, self.soft_weight(), self.bias)
+        self.offload.add_keep(x)  # the input is saved in the floor too: leave it
+        with self.offload:
+            return F.linear(x, self.soft_weight(), self.bias)
+
+
+def build_layer(width: int, mlp: int, device: str) -> tuple[nn.Module, Any, Any]:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    heads = width // 128
+    config = LlamaConfig(  # type: ignore[call-arg]
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )
+    # build in bf16 on the target device directly: converting afterwards would need to swap
+    # FakeTensor parameters, which FakeTensorMode does not allow
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            layer = LlamaDecoderLayer(config, layer_idx=0)
+    finally:
+        torch.set_default_dtype(default)
+    layer.train()
+    with torch.device(device):
+        rotary = LlamaRotaryEmbedding(config)
+    return layer, config, rotary
+
+
+def wrap_dkm(layer: nn.Module, method: str, offload: SavedTensorOffload | None) -> int:
+    params = 0
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, DKMLinearBench(child, method, offload))
+                params += child.weight.numel()
+    return params
+
+
+def run_row(
+    label: str,
+    method: str | None,
+    marshal: bool,
+    *,
+    width: int,
+    mlp: int,
+    seq: int,
+    mode: str,
+    min_bytes: int,
+) -> Record:
+    device = "cuda" if mode == "cuda" else "cpu"
+    rec: Record = {"row": label, "method": method, "marshaling": marshal, "mode": mode}
+    rec.update(width=width, mlp=mlp, heads=width // 128, seq=seq, bits=BITS, iters=ITERS)
+    rec["offload_min_bytes"] = min_bytes if marshal else None
+    if method == "pending":
+        rec["status"] = "pending: sharding has not landed"
+        return rec
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ctx = FakeTensorMode() if mode == "fake" else contextlib.nullcontext()
+    start = time.perf_counter()
+    with ctx:
+        torch.manual_seed(0)
+        layer, _config, rotary = build_layer(width, mlp, device)
+        offload = SavedTensorOffload(min_bytes=min_bytes) if marshal else None
+        with torch.no_grad():
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, STD)
+        rec["linear_params"] = (
+            wrap_dkm(layer, method, offload)
+            if method
+            else sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+        )
+        x = torch.randn(1, seq, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(1, seq, width, device=device, dtype=torch.bfloat16)
+        pos = torch.arange(seq, device=device).unsqueeze(0)
+        cos, sin = rotary(x, pos)
+
+        def step() -> None:
+            out = layer(x, position_embeddings=(cos, sin), position_ids=pos)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.backward(out, g)
+
+        rep = measure_peak(step, device=device, existing=[layer, x, g, cos, sin])
+    rec["seconds"] = round(time.perf_counter() - start, 2)
+    rec["measurement"] = rep.method
+    rec["peak_bytes"] = rep.peak_bytes
+    rec["baseline_bytes"] = rep.baseline_bytes
+    rec["by_category"] = rep.by_category
+    rec["peak_host_pool_bytes"] = rep.peak_host_bytes
+    if offload is not None:
+        rec["offload"] = offload.stats.to_dict()
+        rec["bytes_to_host"] = offload.stats.bytes_to_host
+    else:
+        rec["bytes_to_host"] = 0
+    return rec
+
+
+def derive(records: list[Record], reference: Record | None = None) -> None:
+    """Fill DKM-attributable memory and the reduction versus reference DKM.
+
+    ``reference`` is the reference-DKM record of another run at the same size (e.g. the fake
+    run, when the reference is too big to run for real); by default, this run's own.
+    """
+    floor = next(r for r in records if r["row"] == "no DKM")
+    for r in records:
+        if "peak_bytes" in r:
+            r["dkm_bytes"] = r["peak_bytes"] - floor["peak_bytes"]
+            r["peak_vs_floor"] = r["peak_bytes"] / floor["peak_bytes"]
+    own = next((r for r in records if r["row"] == "reference DKM" and "dkm_bytes" in r), None)
+    ref = own or reference
+    if ref is None:
+        return
+    for r in records:
+        if "dkm_bytes" in r and r["row"] != "no DKM":
+            r["reference_dkm_bytes"] = ref["dkm_bytes"]
+            r["reference_from"] = ref["mode"]
+            # a row whose peak does not exceed the floor's has no measurable DKM memory
+            r["reduction_vs_reference"] = (
+                ref["dkm_bytes"] / r["dkm_bytes"] if r["dkm_bytes"] > 0 else float("inf")
+            )
+
+
+COLUMNS = [
+    ("row", "row", ""),
+    ("peak_bytes", "peak device", "bytes"),
+    ("peak_vs_floor", "x floor", ".3f"),
+    ("dkm_bytes", "DKM memory", "bytes"),
+    ("bytes_to_host", "moved to host", "bytes"),
+    ("reduction_vs_reference", "DKM reduction", ".0f"),
+    ("status", "note", ""),
+]
+
+
+def _reduction(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "peak at the floor"
+    return f"{value:,.0f}x"
+
+
+def markdown(records: list[Record], title: str, command: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| row | peak device | x floor | DKM memory | moved to host | DKM reduction vs reference |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        if "peak_bytes" not in r:
+            lines.append(f"| {r['row']} | {r.get('status', '-')} | | | | |")
+            continue
+        lines.append(
+            f"| {r['row']} | {fmt_bytes(r['peak_bytes'])} | {r['peak_vs_floor']:.3f} | "
+            f"{fmt_bytes(r['dkm_bytes'])} | {fmt_bytes(r['bytes_to_host'])} | "
+            f"{_reduction(r.get('reduction_vs_reference'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=["fake", "real", "cuda"], default="fake")
+    ap.add_argument("--width", type=int, default=4096, help="hidden size (MLP scales with it)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--compare", action="store_true", help="fake and real at the same size")
+    ap.add_argument("--rows", default="", help="comma-separated row labels (default: all)")
+    ap.add_argument("--name", default=None, help="results file stem")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--reference-json",
+        default=None,
+        help="take the reference-DKM figure from this results file (same size) when not run",
+    )
+    ap.add_argument(
+        "--min-bytes", type=int, default=1 << 20, help="offload storages of at least this size"
+    )
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.width % 128:
+        raise SystemExit("--width must be a multiple of 128 (head dim)")
+    mlp = round(11008 * args.width / 4096)
+    wanted = {s.strip() for s in args.rows.split(",") if s.strip()}
+    unknown = wanted - {r[0] for r in ROWS}
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; rows are {[r[0] for r in ROWS]}")
+    rows = [r for r in ROWS if not wanted or r[0] in wanted or r[0] == "no DKM"]
+    reference = None
+    if args.reference_json:
+        found = json.loads(Path(args.reference_json).read_text())
+        reference = next(
+            r
+            for r in found
+            if r["row"] == "reference DKM"
+            and (r["width"], r["seq"]) == (args.width, args.seq)
+            and "dkm_bytes" in r
+        )
+    modes = ["fake", "real"] if args.compare else [args.mode]
+    command = "python benchmarks/ablation.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    env = environment("cuda" if args.mode == "cuda" else "cpu")
+    all_records: list[Record] = []
+    tables = []
+    for mode in modes:
+        records = []
+        for label, method, marshal in rows:
+            rec = run_row(
+                label,
+                method,
+                marshal,
+                width=args.width,
+                mlp=mlp,
+                seq=args.seq,
+                mode=mode,
+                min_bytes=args.min_bytes,
+            )
+            rec.update(env)
+            records.append(rec)
+            print(f"[{mode}] {label}: {fmt_bytes(rec.get('peak_bytes'))} ({rec.get('seconds')} s)")
+        derive(records, reference)
+        title = (
+            f"{mode}: width {args.width}, MLP {mlp}, seq {args.seq}, {BITS}-bit DKM x {ITERS} iters"
+        )
+        print_table(records, COLUMNS, title=title)
+        tables.append(markdown(records, title, command))
+        all_records.extend(records)
+    if args.compare:
+        fake = {r["row"]: r for r in all_records if r["mode"] == "fake" and "peak_bytes" in r}
+        cmp_rows = []
+        for r in all_records:
+            if r["mode"] == "real" and r["row"] in fake:
+                f = fake[r["row"]]
+                r["fake_peak_bytes"] = f["peak_bytes"]
+                r["fake_over_real"] = f["peak_bytes"] / r["peak_bytes"]
+                cmp_rows.append(r)
+        print_table(
+            cmp_rows,
+            [
+                ("row", "row", ""),
+                ("peak_bytes", "real peak", "bytes"),
+                ("fake_peak_bytes", "fake peak", "bytes"),
+                ("fake_over_real", "fake/real", ".4f"),
+            ],
+            title="fake vs real (same size)",
+        )
+        lines = ["| row | real peak | fake peak | fake / real |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {r['row']} | {fmt_bytes(r['peak_bytes'])} | {fmt_bytes(r['fake_peak_bytes'])} | "
+            f"{r['fake_over_real']:.4f} |"
+            for r in cmp_rows
+        ]
+        tables.append("### fake vs real\n\n" + "\n".join(lines))
+    name = args.name or ("ablation_compare" if args.compare else f"ablation_{args.mode}")
+    write_records(name, all_records)
+    (RESULTS / f"{name}.md").write_text("\n\n".join(tables) + "\n")
+    print(f"wrote {RESULTS / name}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
