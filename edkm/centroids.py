@@ -11,8 +11,9 @@ and returned sorted.
 ``hard_assign`` gives each weight the index of its nearest centroid (ties to the lower index),
 chunked so that it never materializes N x K at once.
 
-Big groups: k-means++ (or the quantiles) run on a seeded subsample of ``sample`` weights drawn
-with replacement; the Lloyd refinement then runs on the whole group, chunk by chunk.
+Big groups: k-means++ (or the quantiles) and the Lloyd refinement run on a seeded subsample of
+``sample`` weights drawn with replacement (an initialisation only has to be close; DKM, or the
+k-means baseline's own Lloyd steps, refine on all weights afterwards).
 
 Example:
     >>> import torch
