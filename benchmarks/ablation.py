@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -409,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
             and "dkm_bytes" in r
         )
     modes = ["fake", "real"] if args.compare else [args.mode]
-    command = "python benchmarks/ablation.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    command = shlex.join(
+        ["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])]
     )
     env = environment("cuda" if args.mode == "cuda" else "cpu")
     all_records: list[Record] = []

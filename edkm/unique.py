@@ -155,13 +155,14 @@ def block_rows(block: torch.Tensor, g0: int, out: torch.Tensor | None = None) ->
 class _Blocks:
     """Blocks of a weight viewed as (groups, per_group), with one scratch buffer for the rows
     (and one for bf16 rounding of fp32 weights) reused by every block: fresh N- or block-sized
-    allocations cost page faults that dominate these cheap passes. One block when shapes are
-    symbolic (FakeTensor / compile): nothing is allocated there, and graphs stay small."""
+    allocations cost page faults that dominate these cheap passes. One block while compiling
+    (graphs stay small); FakeTensors keep the real block size, so that memory measured under
+    FakeTensorMode equals the real run's (N-sized scratch would inflate it)."""
 
     def __init__(self, weight: torch.Tensor, groups: int, chunk: int) -> None:
         self.w = weight.detach().reshape(groups, -1)
         self.groups, self.per_group = groups, self.w.shape[1]
-        if is_symbolic(weight):
+        if torch.compiler.is_compiling():
             chunk = max(weight.numel(), 1)
         self.spans = list(_blocks(groups, self.per_group, chunk))
         self.size = max(((g1 - g0) * (m1 - m0) for g0, g1, m0, m1 in self.spans), default=0)
