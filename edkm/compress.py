@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import resource
@@ -41,7 +40,7 @@ from edkm.errors import InputError
 from edkm.evaluate import PerplexityResult, eval_blocks, perplexity_of_blocks
 from edkm.models import load_model
 from edkm.report import write_report
-from edkm.train import train
+from edkm.train import train, training_device
 from edkm.train_config import Recipe
 
 RUN_FILE = "run.json"
@@ -122,7 +121,13 @@ def _load_inputs(recipe: Recipe, tokenizer: Any) -> tuple[TextSplit, torch.Tenso
 def _baselines(
     model: torch.nn.Module, eval_ids: torch.Tensor, recipe: Recipe, out: Path
 ) -> dict[str, Any]:
+    """Perplexity of the original model and of each post-training baseline (cached on disk).
+
+    Each baseline quantizes the selected weights in place and is measured; the original
+    weights are then copied back from a host copy of those weights alone (no second model).
+    """
     from edkm.baselines import kmeans_, rtn_
+    from edkm.palettize import select_layers
 
     cached = out / BASELINES_FILE
     if cached.is_file():
@@ -135,13 +140,18 @@ def _baselines(
         runs = {
             f"rtn_{bits}bit_per_tensor": lambda m: rtn_(m, bits, config=recipe.dkm),
             f"rtn_{bits}bit_group128": lambda m: rtn_(m, bits, group_size=128, config=recipe.dkm),
-            f"kmeans_{bits}bit_per_tensor": lambda m: kmeans_(m, bits, config=recipe.dkm, iters=10),
+            f"kmeans_{bits}bit_per_tensor": lambda m: kmeans_(m, bits, config=recipe.dkm),
         }
+        weights = [module.weight for _, module, _ in select_layers(model, recipe.dkm)]
+        saved = [w.detach().to("cpu", copy=True) for w in weights]
         for name, apply in runs.items():
-            clone = copy.deepcopy(model)
-            apply(clone)
-            results[name] = _eval(clone, eval_ids, recipe, name).to_dict()
-            del clone
+            try:
+                apply(model)
+                results[name] = _eval(model, eval_ids, recipe, name).to_dict()
+            finally:
+                with torch.no_grad():
+                    for w, original in zip(weights, saved):
+                        w.copy_(original)
     _atomic_json(cached, {"recipe": recipe.to_dict(), "results": results})
     return results
 
@@ -167,6 +177,7 @@ def compress(
     model, tokenizer = load_model(recipe.model, dtype=getattr(torch, recipe.train.weights_dtype))
     _, train_ids, eval_ids = _load_inputs(recipe, tokenizer)
     prepare_output(out, recipe, resume=resume, overwrite=overwrite)
+    model.to(training_device(recipe.train))  # baselines and evaluations run where training does
 
     results = _baselines(model, eval_ids, recipe, out)
     summary = edkm.palettize_(model, recipe.dkm)

@@ -52,6 +52,30 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"{name} received: stopped after step {step}, checkpoint {checkpoint}")
 
 
+def _accelerator(cfg: TrainConfig) -> Any:
+    """A fresh ``Accelerator`` for this run's device choice.
+
+    accelerate keeps its device state in a process-wide singleton fixed by the first
+    ``Accelerator``; a second run in the same process (another ``edkm.compress`` call, a
+    notebook) with another ``device`` would silently inherit the first one, so it is reset.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cfg.device == "cpu")
+
+
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The device a run with this config trains on (accelerate's choice, or the CPU).
+
+    Example:
+        >>> training_device(TrainConfig(device="cpu"))
+        device(type='cpu')
+    """
+    return torch.device(_accelerator(cfg).device)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Learning-rate multiplier at ``step`` (0-based): linear warm-up then cosine decay.
 
@@ -176,12 +200,10 @@ def train(
         >>> edkm.palettize_(model, edkm.DKMConfig(bits=3))  # doctest: +SKIP
         >>> train(model, blocks, TrainConfig(steps=100), run_dir="runs/x")  # doctest: +SKIP
     """
-    from accelerate import Accelerator
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = _accelerator(cfg)
     params = trainable_parameters(model, cfg)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)

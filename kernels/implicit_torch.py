@@ -54,7 +54,11 @@ def _attention(
 
 
 class TorchEngine:
-    """The chunked engine; computes in ``c``'s dtype (fp32, or fp64 for fp64 weights)."""
+    """The chunked engine; computes in ``c``'s dtype (fp32, or fp64 for fp64 weights).
+
+    Per-chunk reductions run in the compute dtype; the running totals across chunks are kept in
+    fp64, so the result does not drift with the number of chunks.
+    """
 
     def __init__(self, tile_elements: int = TILE_ELEMENTS) -> None:
         self.tile_elements = int(tile_elements)
@@ -65,8 +69,8 @@ class TorchEngine:
     def sums(
         self, w: torch.Tensor, mult: torch.Tensor | None, c: torch.Tensor, tau: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        s0 = torch.zeros_like(c)
-        s1 = torch.zeros_like(c)
+        s0 = torch.zeros_like(c, dtype=torch.float64)  # chunk totals add up in fp64
+        s1 = torch.zeros_like(c, dtype=torch.float64)
         step = self._step(w, c.shape[1])
         for lo in range(0, w.shape[1], step):
             wc = w[:, lo : lo + step].to(c.dtype)
@@ -75,7 +79,7 @@ class TorchEngine:
                 a = a * mult[:, lo : lo + step].to(c.dtype).unsqueeze(-1)
             s0 += a.sum(1)
             s1 += (a * wc.unsqueeze(-1)).sum(1)
-        return s0, s1
+        return s0.to(c.dtype), s1.to(c.dtype)
 
     def soft(self, w: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, out: torch.Tensor) -> None:
         step = self._step(w, c.shape[1])
@@ -92,7 +96,7 @@ class TorchEngine:
         out: torch.Tensor,
         scale_by_g: bool,
     ) -> torch.Tensor:
-        dc = torch.zeros_like(c)
+        dc = torch.zeros_like(c, dtype=torch.float64)  # chunk totals add up in fp64
         step = self._step(w, c.shape[1])
         scale = (2.0 / tau).view(-1, 1, 1)
         for lo in range(0, w.shape[1], step):
@@ -104,7 +108,7 @@ class TorchEngine:
             slope = -q.sum(-1)
             dc += (gc.unsqueeze(-1) * (a + q)).sum(1)
             out[:, lo : lo + step] = (gc * slope if scale_by_g else slope).to(out.dtype)
-        return dc
+        return dc.to(c.dtype)
 
     def backward_update(
         self,
@@ -116,7 +120,7 @@ class TorchEngine:
         tau: torch.Tensor,
         acc: torch.Tensor,
     ) -> torch.Tensor:
-        dc = torch.zeros_like(c)
+        dc = torch.zeros_like(c, dtype=torch.float64)  # chunk totals add up in fp64
         step = self._step(w, c.shape[1])
         scale = (2.0 / tau).view(-1, 1, 1)
         for lo in range(0, w.shape[1], step):
@@ -130,4 +134,4 @@ class TorchEngine:
                 q = q * mult[:, lo : lo + step].to(c.dtype).unsqueeze(-1)
             dc += q.sum(1)
             acc[:, lo : lo + step] += h.to(acc.dtype)
-        return dc
+        return dc.to(c.dtype)

@@ -54,8 +54,8 @@ def sort_ascending(x, LOG_N: tl.constexpr):
             flip = _axis_bit(LOG_N, stage)  # alternate directions of the bitonic subsequences
         else:
             flip = tl.zeros([1] * LOG_N, tl.int32)  # last merge: everything ascending
-        for k in tl.static_range(stage):
-            axis: tl.constexpr = stage - 1 - k
+        # the loop variable is the constexpr (compiled Triton refuses to reassign a constexpr)
+        for axis in tl.static_range(stage - 1, -1, -1):
             partner = tl.sum(h, axis=LOG_N - 1 - axis, keep_dims=True) - h
             right = _axis_bit(LOG_N, axis)
             h = tl.where((h > partner) != ((flip ^ right) != 0), partner, h)

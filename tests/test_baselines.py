@@ -69,13 +69,15 @@ def test_rtn_weight_keeps_zero_and_grid_points():
     assert rtn_weight(half, bits=3).dtype == torch.bfloat16
 
 
-def test_kmeans_is_a_lloyd_fixed_point():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kmeans_is_a_lloyd_fixed_point(dtype):
     gen = torch.Generator().manual_seed(3)
-    w = torch.randn(64, 48, generator=gen)
+    w = torch.randn(64, 48, generator=gen).to(dtype)
     lut, idx = kmeans_lut(w, bits=3)
     assert lut.shape == (1, 8) and idx.shape == w.shape and idx.dtype == torch.uint8
-    flat = w.reshape(-1)
+    flat = w.reshape(-1).float()
     assign = idx.reshape(-1).long()
+    assert torch.unique(assign).numel() == 8
     for j in range(8):
         members = flat[assign == j]
         if members.numel():

@@ -130,3 +130,34 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tiny):
     ra = json.loads((stopped / "report.json").read_text())["results"]
     rb = json.loads((whole / "report.json").read_text())["results"]
     assert ra["edkm_hard_reloaded"] == rb["edkm_hard_reloaded"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_run_on_cuda_with_triton_dkm(tmp_path):
+    from edkm.compress import compress
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = tiny_text(tmp_path / "text.txt")
+    recipe = tiny_recipe(model, data, device="auto", autocast="bf16")
+    recipe = recipe.with_overrides(**{"dkm.method": "auto"})
+    report = compress(recipe, out=tmp_path / "run", show_progress=False)
+    assert report["device"].startswith("cuda")
+    assert report["reload_logits_identical"] is True
+    results = report["results"]
+    assert all(torch.isfinite(torch.tensor(r["ppl"])) for r in results.values())
+
+
+def test_baselines_leave_the_original_weights(tmp_path):
+    from edkm.compress import _baselines
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = tiny_recipe(tmp_path, tmp_path)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    results = _baselines(model, ids, recipe, tmp_path)
+    assert results["rtn_3bit_per_tensor"]["ppl"] != results["original"]["ppl"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    again = _baselines(make_tiny_llama(seed=1), ids, recipe, tmp_path)  # read from the cache
+    assert again == results
