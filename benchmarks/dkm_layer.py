@@ -2,10 +2,11 @@
 
 Rows, for one bf16 weight of each shape (3 bits, 3 k-means iterations, the backward of a fixed
 random upstream gradient of the soft weight; centroids are a warm start, so they take no
-gradient):
+gradient). As in a training step, the soft weight is handed to its consumer (the layer's matmul,
+here a stand-in that keeps nothing of it) and released before backward runs:
 
-- ``copy``: the bandwidth floor — the forward copies the weight, the backward copies the
-  upstream gradient (the least any weight transform must move);
+- ``copy``: the bandwidth floor — the forward copies the weight (released, like the soft weight),
+  the backward copies the upstream gradient (the least any weight transform must move);
 - ``reference``: the paper's DKM (``dkm_soft(method="reference")``), N x K attention kept for
   backward;
 - ``unique``: uniquified DKM (``dkm_soft(method="unique")``);
@@ -15,8 +16,8 @@ gradient):
 Time: median of ``--repeats`` runs after one warm-up (``--slow-repeats`` for coremltools,
 whose step takes minutes on CPU; it gets no ``--rss`` subprocess either). Peak memory: tensor
 bytes above the inputs (weight, centroids, upstream gradient) while one forward+backward runs,
-from PyTorch's ``MemTracker`` (CPU). Outputs (soft weight, weight gradient) count, as they do
-for the copy; "peak - copy peak" is what a method needs beyond them. A row whose peak, measured
+from PyTorch's ``MemTracker`` (CPU). Outputs (the soft weight while it lives, the weight
+gradient) count, as they do for the copy; "peak - copy peak" is what a method needs beyond them. A row whose peak, measured
 first under ``FakeTensorMode`` without allocating, exceeds ``--mem-budget-gib`` is not run: its
 time says why, its memory is the FakeTensor figure. ``--rss`` adds each run's peak RSS growth
 in a fresh subprocess (the end-to-end check, allocator slack included).
@@ -39,6 +40,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,14 +80,33 @@ def make_inputs(
     return w.to(device), c.to(device), g.to(device), tau
 
 
+class _Consumer(torch.autograd.Function):
+    """Stands for the layer's matmul: takes the soft weight, keeps nothing of it, and passes the
+    fixed upstream gradient back to it in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, soft: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.grad = grad  # an input of the benchmark: already counted, not saved memory
+        return soft.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.grad, None
+
+
+def _forward_backward(forward: Callable[[], torch.Tensor], g: torch.Tensor) -> None:
+    """Forward, hand the output to the consumer and release it, then backward."""
+    out = _Consumer.apply(forward(), g)
+    out.backward()
+
+
 def dkm_step(method: str, w: torch.Tensor, c: torch.Tensor, g: torch.Tensor, tau: float) -> Step:
     from edkm.dkm import dkm_soft
 
     w.requires_grad_(True)
 
     def step() -> None:
-        soft, _ = dkm_soft(w, c, tau=tau, iters=ITERS, method=method)
-        torch.autograd.backward([soft], [g])
+        _forward_backward(lambda: dkm_soft(w, c, tau=tau, iters=ITERS, method=method)[0], g)
         w.grad = None
 
     return step
@@ -94,8 +115,9 @@ def dkm_step(method: str, w: torch.Tensor, c: torch.Tensor, g: torch.Tensor, tau
 def copy_step(w: torch.Tensor, g: torch.Tensor) -> Step:
     def step() -> None:
         out = w.detach().clone()  # forward: read + write the weight
+        del out  # handed to the consumer and released, as the soft weight is
         grad = g.clone()  # backward: read + write the gradient
-        del out, grad
+        del grad
 
     return step
 
@@ -127,8 +149,7 @@ def coremltools_step(w: torch.Tensor, g: torch.Tensor, tau: float) -> Step:
     weight = model[0].weight
 
     def step() -> None:
-        soft = fake(weight)
-        torch.autograd.backward([soft], [g])
+        _forward_backward(lambda: fake(weight), g)
         weight.grad = None
 
     return step

@@ -100,9 +100,11 @@ def _peak_memory() -> dict[str, float]:
 
 
 def _eval(
-    model: torch.nn.Module, blocks: torch.Tensor, recipe: Recipe, label: str
+    model: torch.nn.Module, blocks: torch.Tensor, recipe: Recipe, label: str, show: bool
 ) -> PerplexityResult:
-    return perplexity_of_blocks(model, blocks, batch_size=recipe.eval.batch_size, desc=label)
+    return perplexity_of_blocks(
+        model, blocks, batch_size=recipe.eval.batch_size, desc=label, show_progress=show
+    )
 
 
 def _load_inputs(recipe: Recipe, tokenizer: Any) -> tuple[TextSplit, torch.Tensor, torch.Tensor]:
@@ -119,7 +121,7 @@ def _load_inputs(recipe: Recipe, tokenizer: Any) -> tuple[TextSplit, torch.Tenso
 
 
 def _baselines(
-    model: torch.nn.Module, eval_ids: torch.Tensor, recipe: Recipe, out: Path
+    model: torch.nn.Module, eval_ids: torch.Tensor, recipe: Recipe, out: Path, show: bool = True
 ) -> dict[str, Any]:
     """Perplexity of the original model and of each post-training baseline (cached on disk).
 
@@ -135,7 +137,9 @@ def _baselines(
         if data.get("recipe") == recipe.to_dict():
             return dict(data["results"])
     bits = recipe.dkm.bits
-    results: dict[str, Any] = {"original": _eval(model, eval_ids, recipe, "original").to_dict()}
+    results: dict[str, Any] = {
+        "original": _eval(model, eval_ids, recipe, "original", show).to_dict()
+    }
     if recipe.eval.baselines:
         runs = {
             f"rtn_{bits}bit_per_tensor": lambda m: rtn_(m, bits, config=recipe.dkm),
@@ -147,7 +151,7 @@ def _baselines(
         for name, apply in runs.items():
             try:
                 apply(model)
-                results[name] = _eval(model, eval_ids, recipe, name).to_dict()
+                results[name] = _eval(model, eval_ids, recipe, name, show).to_dict()
             finally:
                 with torch.no_grad():
                     for w, original in zip(weights, saved):
@@ -179,7 +183,7 @@ def compress(
     prepare_output(out, recipe, resume=resume, overwrite=overwrite)
     model.to(training_device(recipe.train))  # baselines and evaluations run where training does
 
-    results = _baselines(model, eval_ids, recipe, out)
+    results = _baselines(model, eval_ids, recipe, out, show_progress)
     summary = edkm.palettize_(model, recipe.dkm)
     state = train(
         model, train_ids, recipe.train, run_dir=out, resume=resume, show_progress=show_progress
@@ -187,7 +191,7 @@ def compress(
     t_trained = time.perf_counter()
 
     set_mode(model, "soft")
-    results["edkm_soft"] = _eval(model, eval_ids, recipe, "eDKM soft").to_dict()
+    results["edkm_soft"] = _eval(model, eval_ids, recipe, "eDKM soft", show_progress).to_dict()
     model = edkm.finalize(model)
     model_dir = out / MODEL_DIR
     edkm.save_palettized(model, model_dir)
@@ -199,7 +203,7 @@ def compress(
         probe = eval_ids[:1].to(device)
         exact = torch.equal(model(input_ids=probe).logits, reloaded(input_ids=probe).logits)
     results["edkm_hard_reloaded"] = _eval(
-        reloaded, eval_ids, recipe, "eDKM hard (reloaded)"
+        reloaded, eval_ids, recipe, "eDKM hard (reloaded)", show_progress
     ).to_dict()
 
     report = {

@@ -132,6 +132,7 @@ def dkm_soft(
     iters: int,
     method: str = "reference",
     group_size: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-cluster ``weight`` onto ``centroids`` with DKM (module docstring).
 
@@ -142,9 +143,11 @@ def dkm_soft(
         iters: k-means iterations (>= 0).
         method: "reference", "unique", "triton" or "auto".
         group_size: output channels per LUT group (None: one LUT for the tensor).
+        out_dtype: dtype of the soft weight (default: the weight's). Under bf16 autocast a
+            bf16 soft weight equals the fp32 one cast by autocast, without the extra pass.
 
     Returns:
-        (soft weight, same shape and dtype as ``weight``; new centroids (G, K) fp32).
+        (soft weight, same shape as ``weight`` in ``out_dtype``; new centroids (G, K) fp32).
 
     Raises:
         ValueError: bad shapes, bits outside 1..8, tau <= 0, iters < 0, non-finite weights.
@@ -171,11 +174,14 @@ def dkm_soft(
 
         if not is_symbolic(weight) and not bool(torch.isfinite(weight).all()):
             raise ValueError("weight has non-finite values (NaN/inf); DKM cannot cluster them")
-        return dkm_reference(weight, centroids, tau_t, iters, groups)
+        soft, c = dkm_reference(weight, centroids, tau_t, iters, groups)
+        return soft if out_dtype is None else soft.to(out_dtype), c
     if method == "unique":
         from edkm.unique import unique_dkm
 
-        return unique_dkm(weight, centroids, tau=tau_t, iters=iters, groups=groups)
+        return unique_dkm(
+            weight, centroids, tau=tau_t, iters=iters, groups=groups, out_dtype=out_dtype
+        )
     kernels = importlib.import_module("edkm.kernels")  # lazily: it may import triton
     fn = getattr(kernels, "dkm_soft_triton", None)
     if fn is None:
@@ -183,4 +189,5 @@ def dkm_soft(
             "method='triton' needs edkm.kernels.dkm_soft_triton, which this install lacks; "
             "use method='unique' or 'reference'"
         )
-    return fn(weight, centroids, tau=tau_t, iters=iters, group_size=group_size)
+    soft, c = fn(weight, centroids, tau=tau_t, iters=iters, group_size=group_size)
+    return soft if out_dtype is None else soft.to(out_dtype), c

@@ -199,8 +199,14 @@ class DKMLinear(nn.Module):
         recompute = _in_backward() and self._last_start is not None
         start = self._last_start if recompute else self.centroids
         assert start is not None
+        device_type = self.weight.device.type
+        # Under autocast the matmul would cast an fp32 soft weight to the autocast dtype (and
+        # its gradient back): DKM writes it in that dtype directly, the same values in one pass.
+        out_dtype = None
+        if torch.is_autocast_enabled(device_type) and self.weight.dtype == torch.float32:
+            out_dtype = torch.get_autocast_dtype(device_type)
         try:
-            with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            with torch.autocast(device_type=device_type, enabled=False):
                 soft, new_centroids = dkm_soft(
                     self.weight,
                     start,
@@ -208,6 +214,7 @@ class DKMLinear(nn.Module):
                     iters=self.iters,
                     method=self.method,
                     group_size=self.group_size,
+                    out_dtype=out_dtype,
                 )
         except ValueError as err:  # e.g. non-finite weights: say which layer
             raise InputError(f"layer '{self.layer_name}': {err}") from err

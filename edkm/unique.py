@@ -210,9 +210,14 @@ def histogram(weight: torch.Tensor, groups: int, *, chunk: int = CHUNK) -> torch
 
 
 def gather_table(
-    table: torch.Tensor, weight: torch.Tensor, groups: int, *, chunk: int = CHUNK
+    table: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    *,
+    chunk: int = CHUNK,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``table.flatten()[rows(weight)]`` in the weight's dtype and shape: the soft weight.
+    """``table.flatten()[rows(weight)]`` in the weight's shape and dtype (or ``dtype``).
 
     Example:
         >>> t = torch.zeros(1, 65536); t[0, 0x3F80] = 5.0
@@ -220,8 +225,9 @@ def gather_table(
         [5.0, 0.0]
     """
     # cast the table once (<= G * 128 KiB): the gather then writes final values, 2 B a weight
-    flat_table = table.reshape(-1).to(weight.dtype)
-    out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+    dtype = weight.dtype if dtype is None else dtype
+    flat_table = table.reshape(-1).to(dtype)
+    out = torch.empty(weight.numel(), dtype=dtype, device=weight.device)
     for part, _, rows in _Blocks(weight, groups, chunk):
         torch.index_select(flat_table, 0, rows, out=out[part])
     return out.view(weight.shape)
@@ -442,7 +448,8 @@ def check_finite_patterns(counts: torch.Tensor, dtype: torch.dtype) -> None:
 
 class UniqueDKM(torch.autograd.Function):
     """Uniquified DKM (module docstring). Inputs: weight, centroids (G, K) fp32, tau (G,) fp32,
-    iters, groups, compact, chunk; outputs: soft weight (weight's dtype), c_T (G, K) fp32."""
+    iters, groups, compact, chunk, out_dtype; outputs: soft weight (``out_dtype``, default the
+    weight's dtype), c_T (G, K) fp32."""
 
     @staticmethod
     def forward(
@@ -454,6 +461,7 @@ class UniqueDKM(torch.autograd.Function):
         groups: int,
         compact: bool | None,
         chunk: int,
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = pattern_dtype(weight)
         counts = histogram(weight, groups, chunk=chunk)
@@ -463,7 +471,11 @@ class UniqueDKM(torch.autograd.Function):
         c0 = centroids.detach().float()
         c = table_iterations(table.u, table.n, c0, tau, iters)
         soft = gather_table(
-            table.expand(table_output(table.u, c, tau)), weight, groups, chunk=chunk
+            table.expand(table_output(table.u, c, tau)),
+            weight,
+            groups,
+            chunk=chunk,
+            dtype=out_dtype,
         )
         # Nothing N-sized beyond the weight itself (which the layer holds anyway): the rows
         # are recomputed from it in backward.
@@ -518,7 +530,7 @@ class UniqueDKM(torch.autograd.Function):
                     groups,
                     chunk=chunk,
                 )
-        return grad_w, grad_c0, None, None, None, None, None
+        return grad_w, grad_c0, None, None, None, None, None, None
 
 
 def table_gather_shared(
@@ -541,12 +553,14 @@ def unique_dkm(
     groups: int = 1,
     compact: bool | None = None,
     chunk: int = CHUNK,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniquified DKM of a weight split into ``groups`` LUT groups of consecutive rows.
 
     Inputs are assumed validated (``edkm.dkm.dkm_soft`` does it); non-finite weights raise
     ``ValueError`` here too (from the histogram, no extra pass). ``compact=None`` picks the
-    table form by size; ``chunk`` is the block size of the N-sized passes.
+    table form by size; ``chunk`` is the block size of the N-sized passes; ``out_dtype`` is the
+    soft weight's dtype (default: the weight's), e.g. bf16 under autocast, which saves the cast.
 
     Example:
         >>> w = torch.tensor([[0.0, 1.0], [1.0, 4.0]])
@@ -558,6 +572,6 @@ def unique_dkm(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     tau_t = torch.as_tensor(tau, dtype=torch.float32, device=weight.device).expand(groups)
     out: tuple[torch.Tensor, torch.Tensor] = UniqueDKM.apply(
-        weight, centroids, tau_t.contiguous(), iters, groups, compact, chunk
+        weight, centroids, tau_t.contiguous(), iters, groups, compact, chunk, out_dtype
     )
     return out

@@ -260,6 +260,34 @@ def test_bf16_autocast_and_bf16_weights():
     assert max(_distinct_per_group(half.model.layers[0].mlp.up_proj.weight.detach(), None)) <= 4
 
 
+@pytest.mark.parametrize("method", ["unique", "reference"])
+def test_autocast_soft_weight_equals_autocast_cast_of_fp32(method):
+    # Under autocast DKM writes the soft weight in bf16 directly; it must equal what autocast
+    # made of the fp32 soft weight, forward and backward, bit for bit.
+    from edkm.dkm import dkm_soft
+
+    model = make_tiny_llama()
+    palettize_(model, DKMConfig(bits=3, method=method))
+    layer = model.model.layers[0].mlp.up_proj
+    layer.eval()  # no warm-start store: both passes start from the same centroids
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    soft32, _ = dkm_soft(
+        layer.weight, layer.centroids, tau=layer.tau, iters=layer.iters, method=method
+    )
+    assert soft32.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = torch.nn.functional.linear(x, soft32, layer.bias)
+    assert torch.equal(y, y_ref)
+    y_ref.float().square().sum().backward()
+    assert torch.equal(grad, layer.weight.grad)
+
+
 def _untouched(model: nn.Module) -> bool:
     return not list(dkm_layers(model))
 
