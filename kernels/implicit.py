@@ -45,6 +45,7 @@ from edkm.kernels._common import (
     temperatures,
     use_triton,
 )
+from edkm.unique import MIN_MASS
 
 __all__ = ["DKMEngine", "dkm_reference", "implicit_dkm", "run_implicit"]
 
@@ -83,8 +84,9 @@ def dkm_reference(
         a = torch.softmax(-((w.unsqueeze(-1) - c.unsqueeze(1)) ** 2) / t, dim=-1)
         s0 = a.sum(1)
         s1 = (a * w.unsqueeze(-1)).sum(1)
-        # an empty cluster keeps its centroid; the inner where keeps its gradient finite
-        c = torch.where(s0 > 0, s1 / torch.where(s0 > 0, s0, torch.ones_like(s0)), c)
+        # an empty cluster (mass <= MIN_MASS, edkm.unique) keeps its centroid; the inner where
+        # keeps its gradient finite
+        c = torch.where(s0 > MIN_MASS, s1 / torch.where(s0 > MIN_MASS, s0, torch.ones_like(s0)), c)
     a = torch.softmax(-((w.unsqueeze(-1) - c.unsqueeze(1)) ** 2) / t, dim=-1)
     soft = (a * c.unsqueeze(1)).sum(-1)
     return soft.reshape(weight.shape).to(weight.dtype), c
@@ -165,7 +167,7 @@ def run_implicit(
     cs, s0s = [c], []
     for _ in range(iters):
         s0, s1 = engine.sums(w, mult, c, tau)
-        c = torch.where(s0 > 0, s1 / torch.where(s0 > 0, s0, torch.ones_like(s0)), c)
+        c = torch.where(s0 > MIN_MASS, s1 / torch.where(s0 > MIN_MASS, s0, torch.ones_like(s0)), c)
         cs.append(c)
         s0s.append(s0)
     s0_all = torch.stack(s0s) if s0s else c0.new_zeros((0, *c0.shape))
@@ -188,7 +190,7 @@ def backward_updates(
     """
     for t in range(s0s.shape[0] - 1, -1, -1):
         s0 = s0s[t]
-        live = s0 > 0
+        live = s0 > MIN_MASS
         a_coef = torch.where(live, gc / torch.where(live, s0, torch.ones_like(s0)), 0.0)
         dc = engine.backward_update(w, mult, cs[t], cs[t + 1], a_coef, tau, acc)
         gc = dc + torch.where(live, 0.0, gc)  # an empty cluster passed its centroid through
