@@ -313,11 +313,9 @@ separate host pool that the measurement keeps out of the device figure (host and
 both the CPU here); "moved to host" is the hooks' own count of bytes copied to the host. DKM
 memory = the row's peak minus the no-DKM floor's; reduction = reference DKM's DKM memory / the
 row's. The reference DKM (54 GiB) only runs fake at full size; the reduced-width comparison
-shows fake and real agreeing on every row. At full size the fake figure of the uniquified rows
-is too high: under FakeTensors ``edkm.unique`` runs its N-sized passes as one block, so its
-scratch buffers are N-sized there, while real tensors use blocks of 2^18 weights (below that
-size, as in the reduced-width check, both are one block and agree). The real full-size rows
-below are the actual figures for those rows.
+shows fake and real agreeing on every row, and the rows also run with real tensors at full size
+give the same figures as their fake runs (``edkm.unique`` keeps its real block size of 2^18
+weights under FakeTensors, so its scratch buffers are measured as they are allocated).
 """
 
 
