@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from edkm.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
+from edkm.distill import make_teacher
 from edkm.errors import InputError
 from edkm.evaluate import PerplexityResult, eval_blocks, perplexity_of_blocks
 from edkm.models import load_model
@@ -184,10 +185,18 @@ def compress(
     model.to(training_device(recipe.train))  # baselines and evaluations run where training does
 
     results = _baselines(model, eval_ids, recipe, out, show_progress)
+    teacher = make_teacher(model) if recipe.train.distill > 0 else None
     summary = edkm.palettize_(model, recipe.dkm)
     state = train(
-        model, train_ids, recipe.train, run_dir=out, resume=resume, show_progress=show_progress
+        model,
+        train_ids,
+        recipe.train,
+        run_dir=out,
+        resume=resume,
+        show_progress=show_progress,
+        teacher=teacher,
     )
+    del teacher
     t_trained = time.perf_counter()
 
     set_mode(model, "soft")

@@ -26,6 +26,11 @@ def _label(key: str) -> str:
     return f"{name}, {bits.replace('bit', '-bit')}, {scope.replace('_', ' ')}"
 
 
+def _distill_note(recipe: dict[str, Any]) -> str:
+    weight = recipe.get("train", {}).get("distill", 0.0)
+    return f", distilled from the original model (weight {weight:g})" if weight else ""
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -66,7 +71,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| whole model, palettized | {_mib(size['model_palettized_bytes'])} |",
         "",
         f"Training: {train['steps']} steps, {train['tokens_seen']:,} tokens seen "
-        f"({train['train_blocks']} training blocks), {train['train_time_s']:.0f} s. "
+        f"({train['train_blocks']} training blocks), {train['train_time_s']:.0f} s"
+        + _distill_note(recipe)
+        + ". "
         f"Whole run: {report['wall_time_s']:.0f} s on {report['device']} "
         f"(torch {report['torch']}). Peak memory: "
         + ", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in mem.items())

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from edkm.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from edkm.distill import distill_loss
 from edkm.palettize import set_tau_scale
 from edkm.progress import progress
 from edkm.train_config import TrainConfig
@@ -190,20 +191,29 @@ def train(
     resume: bool = False,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     show_progress: bool = True,
+    teacher: torch.nn.Module | None = None,
 ) -> TrainState:
     """Fine-tune a palettized model on ``(n, seq_len)`` token blocks; returns the final counters.
 
     ``run_dir`` receives ``train_log.jsonl`` (one JSON object per step) and ``checkpoints/``.
-    With ``resume=True`` training continues from the newest checkpoint there.
+    With ``resume=True`` training continues from the newest checkpoint there. With
+    ``cfg.distill > 0``, ``teacher`` (:func:`edkm.distill.make_teacher` of the model before
+    palettization) is required: it is moved to the training device and only run forward.
 
     Example:
         >>> edkm.palettize_(model, edkm.DKMConfig(bits=3))  # doctest: +SKIP
         >>> train(model, blocks, TrainConfig(steps=100), run_dir="runs/x")  # doctest: +SKIP
     """
+    if cfg.distill > 0 and teacher is None:
+        raise ValueError(f"TrainConfig.distill={cfg.distill} needs a teacher model")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     accelerator = _accelerator(cfg)
+    if cfg.distill == 0:
+        teacher = None
+    elif teacher is not None:
+        teacher.to(accelerator.device)
     params = trainable_parameters(model, cfg)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
@@ -227,7 +237,9 @@ def train(
     ):
         bar.update(state.step)
         while state.step < cfg.steps:
-            record = _train_step(model, blocks, cfg, state, optimizer, scheduler, accelerator)
+            record = _train_step(
+                model, blocks, cfg, state, optimizer, scheduler, accelerator, teacher
+            )
             state.elapsed_s = time.perf_counter() - start_wall
             record["elapsed_s"] = round(state.elapsed_s, 3)
             log.write(json.dumps(record) + "\n")
@@ -261,16 +273,27 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     accelerator: Any,
+    teacher: torch.nn.Module | None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     scale = tau_scale(state.step, cfg)
     set_tau_scale(model, scale)
     idx = block_indices(state.step, cfg, blocks.shape[0])
-    total_loss = 0.0
+    total_loss = total_ce = total_kd = 0.0
     for micro in _chunks(idx, cfg.batch_size):
         batch = blocks[micro].to(accelerator.device)
         with _autocast(accelerator.device, cfg):
-            loss = model(input_ids=batch, labels=batch).loss
+            out = model(input_ids=batch, labels=batch)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch).logits
+                kd = distill_loss(out.logits, teacher_logits)
+                total_ce += float(loss.detach()) / cfg.grad_accum
+                total_kd += float(kd.detach()) / cfg.grad_accum
+                loss = (1 - cfg.distill) * loss + cfg.distill * kd
+                del teacher_logits
+        del out
         accelerator.backward(loss / cfg.grad_accum)
         total_loss += float(loss.detach()) / cfg.grad_accum
     grad_norm = accelerator.clip_grad_norm_(
@@ -284,7 +307,7 @@ def _train_step(
     tokens = idx.numel() * blocks.shape[1]
     state.tokens_seen += tokens
     dt = time.perf_counter() - t0
-    return {
+    record = {
         "step": state.step,
         "loss": round(total_loss, 6),
         "lr": lr,
@@ -294,6 +317,10 @@ def _train_step(
         "tokens_per_s": tokens / dt,
         "step_s": round(dt, 4),
     }
+    if teacher is not None:
+        record["ce"] = round(total_ce, 6)
+        record["kd"] = round(total_kd, 6)
+    return record
 
 
 def _chunks(idx: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

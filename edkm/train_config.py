@@ -44,6 +44,10 @@ class TrainConfig(ConfigBase):
         weights_dtype: dtype the model is loaded and trained in: ``"float32"`` (fp32 master
             weights; the uniquified DKM clusters their bf16 rounding) or ``"bfloat16"``
             (half the memory for weights, gradients and AdamW state; DKM is exact on them).
+        distill: weight in [0, 1] of knowledge distillation from a frozen copy of the original
+            model (:mod:`edkm.distill`): the loss is ``(1 - distill) * cross-entropy +
+            distill * KL(teacher || student)``. 0 (the default) keeps no teacher; above 0
+            the teacher costs one more copy of the weights and one forward pass per step.
     """
 
     steps: int = 60
@@ -64,6 +68,7 @@ class TrainConfig(ConfigBase):
     seed: int = 0
     max_train_tokens: int = 0
     weights_dtype: Literal["float32", "bfloat16"] = "float32"
+    distill: float = 0.0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
@@ -83,6 +88,8 @@ class TrainConfig(ConfigBase):
             self._fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             self._fail("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.distill) and 0 <= self.distill <= 1):
+            self._fail("distill", f"must be in [0, 1], got {self.distill}")
         if self.max_train_tokens < 0:
             self._fail("max_train_tokens", f"must be >= 0, got {self.max_train_tokens}")
 

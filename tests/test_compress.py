@@ -161,3 +161,18 @@ def test_baselines_leave_the_original_weights(tmp_path):
         assert torch.equal(value, before[key]), key
     again = _baselines(make_tiny_llama(seed=1), ids, recipe, tmp_path)  # read from the cache
     assert again == results
+
+
+def test_distilled_run_says_so_in_its_log_and_report(tmp_path):
+    from edkm.compress import compress
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = tiny_text(tmp_path / "text.txt")
+    recipe = tiny_recipe(model, data, distill=0.5).with_overrides(**{"eval.baselines": False})
+    report = compress(recipe, out=tmp_path / "run", show_progress=False)
+    assert report["recipe"]["train"]["distill"] == 0.5
+    assert report["reload_logits_identical"] is True
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all(r["kd"] > 0 for r in log)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "distilled from the original model (weight 0.5)" in md

@@ -22,6 +22,8 @@ def test_recipes_in_the_repository_parse_and_validate():
         (TrainConfig, {"warmup_steps": 20, "steps": 10}, "warmup_steps"),
         (TrainConfig, {"trainable": "some"}, "TrainConfig.trainable: must be one of"),
         (TrainConfig, {"seq_len": 1}, "seq_len"),
+        (TrainConfig, {"distill": 1.5}, "TrainConfig.distill: must be in \\[0, 1\\]"),
+        (TrainConfig, {"distill": float("nan")}, "TrainConfig.distill"),
         (EvalConfig, {"max_windows": -1}, "max_windows"),
         (Recipe, {"eval_fraction": 1.0}, "eval_fraction"),
     ],
