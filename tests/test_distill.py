@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -6,8 +7,9 @@ import torch
 import edkm
 from edkm.distill import distill_loss, make_teacher
 from edkm.train import TrainingInterrupted, train
-from edkm.train_config import TrainConfig
 from tests.conftest import make_tiny_llama
+from tests.test_train import CFG as TRAIN_CFG
+from tests.test_train import _blocks
 
 
 def test_distill_loss_is_the_mean_token_kl():
@@ -29,11 +31,6 @@ def test_distill_loss_refuses_mismatched_shapes():
         distill_loss(torch.zeros(1, 2, 5), torch.zeros(1, 2, 6))
 
 
-def _blocks(n=12, seq=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, seq), generator=g)
-
-
 def _student_and_teacher(seed=0):
     model = make_tiny_llama(seed)
     teacher = make_teacher(model)
@@ -41,18 +38,7 @@ def _student_and_teacher(seed=0):
     return model, teacher
 
 
-CFG = TrainConfig(
-    steps=5,
-    batch_size=2,
-    grad_accum=2,
-    seq_len=16,
-    lr=1e-3,
-    warmup_steps=1,
-    checkpoint_every=2,
-    device="cpu",
-    autocast="off",
-    distill=0.5,
-)
+CFG = dataclasses.replace(TRAIN_CFG, distill=0.5)
 
 
 def test_distilled_training_logs_both_terms_and_needs_a_teacher(tmp_path):
@@ -73,16 +59,8 @@ def test_distillation_keeps_the_student_closer_to_the_teacher(tmp_path):
     blocks = _blocks(4)  # few blocks: plain training fits them and drifts from the teacher
     kd_after = {}
     for weight in (0.0, 1.0):
-        cfg = TrainConfig(
-            steps=10,
-            batch_size=4,
-            seq_len=16,
-            lr=3e-3,
-            warmup_steps=1,
-            checkpoint_every=100,
-            device="cpu",
-            autocast="off",
-            distill=weight,
+        cfg = dataclasses.replace(
+            TRAIN_CFG, steps=10, batch_size=4, grad_accum=1, lr=3e-3, distill=weight
         )
         model, teacher = _student_and_teacher()
         train(
