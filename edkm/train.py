@@ -210,10 +210,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     accelerator = _accelerator(cfg)
-    if cfg.distill == 0:
-        teacher = None
-    elif teacher is not None:
-        teacher.to(accelerator.device)
+    # a teacher given without distillation is not run
+    teacher = teacher.to(accelerator.device) if teacher is not None and cfg.distill > 0 else None
     params = trainable_parameters(model, cfg)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
