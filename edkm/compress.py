@@ -7,13 +7,16 @@
    per tensor and per group of 128, and k-means) on the held-out text;
 3. palettizes the selected layers and fine-tunes them with DKM (:mod:`edkm.train`), with
    resumable checkpoints;
-4. measures the soft (DKM) model, finalizes it (hard assignment), saves LUT + packed indices
-   with :func:`edkm.save_palettized`, reloads that folder from disk and measures the reloaded
-   model: that is the figure a user gets;
-5. writes ``report.json`` and ``report.md`` in the output folder.
+4. measures the soft (DKM) model and finalizes it (hard assignment);
+5. with ``lut_tune.steps > 0``, measures the hard model, then fine-tunes its LUT entries with
+   the indices fixed (:mod:`edkm.lut_tune`, resumable like training);
+6. saves LUT + packed indices with :func:`edkm.save_palettized`, reloads that folder from disk
+   and measures the reloaded model: that is the figure a user gets;
+7. writes ``report.json`` and ``report.md`` in the output folder.
 
 Output folder layout: ``run.json`` (the recipe), ``train_log.jsonl``, ``checkpoints/``,
-``baselines.json`` (kept so a resumed run does not measure them again), ``model/`` (the
+``baselines.json`` (kept so a resumed run does not measure them again), ``lut_tune/`` (the LUT
+phase's log and checkpoints, when it runs), ``model/`` (the
 palettized model and its tokenizer), ``report.json``, ``report.md``.
 
 Example:
@@ -39,6 +42,7 @@ from edkm.data import TextSplit, load_documents, split_documents, token_blocks, 
 from edkm.distill import make_teacher
 from edkm.errors import InputError
 from edkm.evaluate import PerplexityResult, eval_blocks, perplexity_of_blocks
+from edkm.lut_tune import tune_luts
 from edkm.models import load_model
 from edkm.report import write_report
 from edkm.train import train, training_device
@@ -47,6 +51,7 @@ from edkm.train_config import Recipe
 RUN_FILE = "run.json"
 BASELINES_FILE = "baselines.json"
 MODEL_DIR = "model"
+LUT_DIR = "lut_tune"
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -196,12 +201,25 @@ def compress(
         show_progress=show_progress,
         teacher=teacher,
     )
-    del teacher
     t_trained = time.perf_counter()
 
     set_mode(model, "soft")
     results["edkm_soft"] = _eval(model, eval_ids, recipe, "eDKM soft", show_progress).to_dict()
     model = edkm.finalize(model)
+    lut_state = None
+    if recipe.lut_tune.steps:
+        results["edkm_hard"] = _eval(model, eval_ids, recipe, "eDKM hard", show_progress).to_dict()
+        model, lut_state = tune_luts(
+            model,
+            train_ids,
+            recipe.train,
+            recipe.lut_tune,
+            run_dir=out / LUT_DIR,
+            resume=resume,
+            show_progress=show_progress,
+            teacher=teacher,
+        )
+    del teacher
     model_dir = out / MODEL_DIR
     edkm.save_palettized(model, model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -228,6 +246,13 @@ def compress(
             "tokens_seen": state.tokens_seen,
             "train_blocks": int(train_ids.shape[0]),
             "train_time_s": round(state.elapsed_s, 1),
+        },
+        "lut_tune": None
+        if lut_state is None
+        else {
+            "steps": lut_state.step,
+            "tokens_seen": lut_state.tokens_seen,
+            "train_time_s": round(lut_state.elapsed_s, 1),
         },
         "eval": {"windows": int(eval_ids.shape[0]), "seq_len": int(eval_ids.shape[1])},
         "wall_time_s": round(time.perf_counter() - t_start, 1),

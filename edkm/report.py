@@ -14,6 +14,7 @@ from typing import Any
 _LABELS = {
     "original": "original (fp32)",
     "edkm_soft": "eDKM soft (DKM weights, before finalize)",
+    "edkm_hard": "eDKM hard, before LUT fine-tuning",
     "edkm_hard_reloaded": "**eDKM hard, reloaded from disk (shipped)**",
 }
 
@@ -29,6 +30,17 @@ def _label(key: str) -> str:
 def _distill_note(recipe: dict[str, Any]) -> str:
     weight = recipe.get("train", {}).get("distill", 0.0)
     return f", distilled from the original model (weight {weight:g})" if weight else ""
+
+
+def _lut_note(report: dict[str, Any]) -> str:
+    lut = report.get("lut_tune")
+    if not lut:
+        return ""
+    what = report["recipe"].get("lut_tune", {}).get("trainable", "all")
+    return (
+        f"LUT fine-tuning (indices fixed, trainable: {what}): {lut['steps']} steps, "
+        f"{lut['tokens_seen']:,} tokens, {lut['train_time_s']:.0f} s. "
+    )
 
 
 def _mib(n: float) -> str:
@@ -74,7 +86,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({train['train_blocks']} training blocks), {train['train_time_s']:.0f} s"
         + _distill_note(recipe)
         + ". "
-        f"Whole run: {report['wall_time_s']:.0f} s on {report['device']} "
+        + _lut_note(report)
+        + f"Whole run: {report['wall_time_s']:.0f} s on {report['device']} "
         f"(torch {report['torch']}). Peak memory: "
         + ", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in mem.items())
         + ".",

@@ -123,22 +123,39 @@ def block_indices(step: int, cfg: TrainConfig, n_blocks: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def norm_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of the model's normalization layers (RMSNorm, LayerNorm, ...).
+
+    Example:
+        >>> len(norm_parameters(torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))))
+        2
+    """
+    out: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                out[id(p)] = p
+    return list(out.values())
+
+
 def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """The parameters the optimizer updates (``cfg.trainable``); the rest are frozen."""
+    """The parameters the optimizer updates (``cfg.trainable``).
+
+    ``"all"``: every parameter that requires grad (a caller may freeze some beforehand, as the
+    LUT phase does); the other choices also freeze every parameter they leave out.
+    """
     from edkm.palettize import palettized_modules
 
-    if cfg.trainable == "all":
-        params = [p for p in model.parameters()]
+    if cfg.trainable == "all":  # every parameter the caller has not frozen
+        params = [p for p in model.parameters() if p.requires_grad]
     else:
         chosen: dict[int, torch.nn.Parameter] = {}
         for _, module in palettized_modules(model):
             for p in module.parameters():
                 chosen[id(p)] = p
         if cfg.trainable == "palettized+norms":
-            for _name, module in model.named_modules():
-                if "norm" in type(module).__name__.lower():
-                    for p in module.parameters(recurse=False):
-                        chosen[id(p)] = p
+            for p in norm_parameters(model):
+                chosen[id(p)] = p
         params = list(chosen.values())
         keep = {id(p) for p in params}
         for p in model.parameters():
@@ -259,6 +276,8 @@ def train(
                 )
                 if flag.signum is not None and not final:
                     raise TrainingInterrupted(flag.signum, state.step, path)
+    # the temperature of the last step, also when a resumed run had no step left to take
+    set_tau_scale(model, tau_scale(cfg.steps - 1, cfg))
     model.eval()
     return state
 

@@ -1,6 +1,7 @@
 """Configs of the training job, split by concern: ``TrainConfig`` (the optimisation loop),
-``EvalConfig`` (how perplexity is measured for the report) and ``Recipe`` (a whole
-``edkm compress`` run: model, data, DKM, training, evaluation), all readable from YAML.
+``LUTTuneConfig`` (the optional LUT fine-tuning after finalize), ``EvalConfig`` (how perplexity
+is measured for the report) and ``Recipe`` (a whole ``edkm compress`` run: model, data, DKM,
+training, LUT fine-tuning, evaluation), all readable from YAML.
 
 Example:
     >>> cfg = TrainConfig(steps=100, lr=2e-4)
@@ -95,6 +96,50 @@ class TrainConfig(ConfigBase):
 
 
 @dataclasses.dataclass(frozen=True)
+class LUTTuneConfig(ConfigBase):
+    """LUT fine-tuning after finalize (:mod:`edkm.lut_tune`): the shipped model's LUT entries
+    train with every index fixed, so the phase lowers the loss of exactly the model that ships.
+
+    Batch, sequence length, gradient accumulation and clipping, precision, device and
+    distillation are the ``train`` section's; this section sets the rest.
+
+    Fields:
+        steps: optimizer steps (0 = no LUT phase).
+        lr, warmup_steps, min_lr_ratio: AdamW learning rate, linear warm-up, cosine decay to
+            ``min_lr_ratio * lr``.
+        trainable: ``"lut"`` (the LUT entries only), ``"lut+norms"``, or ``"all"`` (the LUTs
+            and every parameter that is not palettized: norms, embeddings, biases).
+        checkpoint_every: steps between checkpoints of the phase (one is written at its end).
+
+    Example:
+        >>> LUTTuneConfig(steps=40).trainable
+        'all'
+    """
+
+    steps: int = 0
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    trainable: Literal["lut", "lut+norms", "all"] = "all"
+    checkpoint_every: int = 25
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            self._fail("steps", f"must be >= 0 (0 = no LUT phase), got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            self._fail("lr", f"must be a finite number > 0, got {self.lr}")
+        # the default warm-up applies once steps are set; with the phase off it is unused
+        if self.warmup_steps < 0 or (self.steps and self.warmup_steps > self.steps):
+            self._fail(
+                "warmup_steps", f"must be in 0..steps ({self.steps}), got {self.warmup_steps}"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            self._fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.checkpoint_every < 1:
+            self._fail("checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig(ConfigBase):
     """How the report measures perplexity (protocol in :mod:`edkm.evaluate`).
 
@@ -125,7 +170,7 @@ class Recipe(ConfigBase):
     Fields:
         model: a local Hugging Face folder or ``"default"``; data: a local text file/folder or
         ``"default"``; eval_fraction: share of documents held out for evaluation; dkm, train,
-        eval: the configs of each concern.
+        lut_tune, eval: the configs of each concern.
     """
 
     model: str = "default"
@@ -133,6 +178,7 @@ class Recipe(ConfigBase):
     eval_fraction: float = 0.2
     dkm: DKMConfig = dataclasses.field(default_factory=DKMConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lut_tune: LUTTuneConfig = dataclasses.field(default_factory=LUTTuneConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> None:

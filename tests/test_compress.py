@@ -129,7 +129,7 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tiny):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra = json.loads((stopped / "report.json").read_text())["results"]
     rb = json.loads((whole / "report.json").read_text())["results"]
-    assert ra["edkm_hard_reloaded"] == rb["edkm_hard_reloaded"]
+    assert ra == rb  # the soft row too: a resumed run evaluates at the final temperature
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
