@@ -36,7 +36,8 @@ class TrainConfig(ConfigBase):
             converge onto the hard ones by the end).
         trainable: ``"all"`` parameters, only the ``"palettized"`` weights, or
             ``"palettized+norms"``.
-        autocast: ``"bf16"`` (autocast where the device supports it) or ``"off"``.
+        autocast: ``"bf16"`` (autocast where the device runs bf16 natively: a GPU with bf16,
+            a CPU with AVX-512 bf16 or AMX; elsewhere fp32) or ``"off"``.
         device: ``"auto"`` (accelerate's choice: a GPU when present) or ``"cpu"``.
         checkpoint_every: steps between checkpoints (one is always written at the end).
         seed: seeds the data order and every random number generator.

@@ -96,3 +96,18 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch):
         assert torch.equal(a[key], b[key]), key
     log = (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in log] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_only_where_the_device_runs_bf16(monkeypatch, native):
+    """A CPU that only emulates bf16 trains in fp32 (bf16 matmuls there are several x slower)."""
+    import edkm.train as train_mod
+
+    monkeypatch.setattr(train_mod, "bf16_supported", lambda device: native)
+    cpu = torch.device("cpu")
+    x = torch.randn(4, 8)
+    with train_mod._autocast(cpu, TrainConfig(autocast="bf16")):
+        y = torch.nn.functional.linear(x, torch.randn(3, 8))
+    assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    with train_mod._autocast(cpu, TrainConfig(autocast="off")):
+        assert torch.nn.functional.linear(x, torch.randn(3, 8)).dtype == torch.float32
