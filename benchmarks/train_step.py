@@ -28,9 +28,12 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+def _step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, bf16: bool
+) -> float:
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # as the trainer does: bf16 autocast where the CPU runs bf16 natively, fp32 elsewhere
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     opt.step()
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import edkm
     from edkm.models import load_model
+    from edkm.train import bf16_supported
+
+    bf16 = bf16_supported(torch.device("cpu"))
 
     base, _ = load_model("default", dtype=torch.float32)
     base.train()
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {"plain": [], "dkm": []}
     for i in range(args.warmup + args.steps):
         for name in ("plain", "dkm"):
-            dt = _step(models[name], opts[name], batch)
+            dt = _step(models[name], opts[name], batch, bf16)
             if i >= args.warmup:
                 times[name].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct",
         "batch": args.batch,
         "seq_len": args.seq_len,
+        "autocast": "bf16" if bf16 else "off (no native bf16 on this CPU)",
         "dkm": {
             "bits": 3,
             "iters": 3,

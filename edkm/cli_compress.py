@@ -65,7 +65,7 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         metavar="RECIPE.yaml",
-        help="YAML recipe with sections model, data, dkm, train, eval (see recipes/)",
+        help="YAML recipe with sections model, data, dkm, train, lut_tune, eval (see recipes/)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for the run")
     p.add_argument("--steps", type=int, default=None, help="override train.steps of the recipe")

@@ -45,7 +45,7 @@ from torch import nn
 
 from edkm.checkpoint import TrainState
 from edkm.errors import InputError
-from edkm.palettize import Palette, lut_lookup
+from edkm.palettize import Palette, finalized_linear, lut_lookup
 from edkm.train_config import LUTTuneConfig, TrainConfig
 
 __all__ = [
@@ -222,24 +222,17 @@ def bake_luts(model: nn.Module) -> nn.Module:
             raise InputError(f"layer '{name}': a trained LUT entry is not finite in fp16")
         with torch.no_grad():
             weight = lut_lookup(lut.to(layer.weight_dtype), layer.indices, layer.group_size)
-        linear = nn.Linear(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            device="meta",
-            dtype=layer.weight_dtype,
-        )
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        linear.bias = layer.bias
-        linear.palette = Palette(  # type: ignore[assignment]  # plain attribute, not state
-            lut=lut.cpu(),
+        palette = Palette(
+            lut=lut,
             packed_indices=layer.packed_indices,
             bits=layer.bits,
             group_size=layer.group_size,
             shape=(layer.out_features, layer.in_features),
         )
-        linear.train(layer.training)
-        model.set_submodule(name, linear)
+        weight_param = nn.Parameter(weight, requires_grad=False)
+        model.set_submodule(
+            name, finalized_linear(weight_param, layer.bias, palette, layer.training)
+        )
     return model
 
 

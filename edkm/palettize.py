@@ -51,6 +51,7 @@ __all__ = [
     "PalettizeSummary",
     "dkm_layers",
     "finalize",
+    "finalized_linear",
     "lut_lookup",
     "palettize_",
     "palettized_modules",
@@ -518,16 +519,30 @@ def finalize(model: nn.Module) -> nn.Module:
                 shape=(layer.out_features, layer.in_features),
             )
             weight.copy_(lut_lookup(lut.to(weight.dtype), indices, layer.group_size))
-        linear = nn.Linear(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            device="meta",
-            dtype=weight.dtype,
-        )
-        linear.weight = weight
-        linear.bias = layer.bias
-        linear.palette = palette  # type: ignore[assignment]  # plain attribute, not state
-        linear.train(layer.training)
-        model.set_submodule(name, linear)
+        model.set_submodule(name, finalized_linear(weight, layer.bias, palette, layer.training))
     return model
+
+
+def finalized_linear(
+    weight: nn.Parameter, bias: nn.Parameter | None, palette: Palette, training: bool
+) -> nn.Linear:
+    """A plain ``nn.Linear`` on ``weight`` (= ``palette.dense``) carrying ``palette``.
+
+    This is the form ``finalize`` leaves each layer in and ``save_palettized`` expects; the
+    Parameters are used as they are (no copy).
+
+    Example:
+        >>> p = Palette(torch.zeros(1, 2, dtype=torch.float16), torch.zeros(1, dtype=torch.uint8),
+        ...             1, None, (2, 3))
+        >>> finalized_linear(nn.Parameter(torch.zeros(2, 3)), None, p, False).palette.bits
+        1
+    """
+    out_features, in_features = weight.shape
+    linear = nn.Linear(
+        in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
+    )
+    linear.weight = weight
+    linear.bias = bias
+    linear.palette = palette  # type: ignore[assignment]  # plain attribute, not state
+    linear.train(training)
+    return linear
