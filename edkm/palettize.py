@@ -524,7 +524,7 @@ def finalize(model: nn.Module) -> nn.Module:
 
 
 def finalized_linear(
-    weight: nn.Parameter, bias: nn.Parameter | None, palette: Palette, training: bool
+    weight: torch.Tensor, bias: torch.Tensor | None, palette: Palette, training: bool
 ) -> nn.Linear:
     """A plain ``nn.Linear`` on ``weight`` (= ``palette.dense``) carrying ``palette``.
 
@@ -541,8 +541,9 @@ def finalized_linear(
     linear = nn.Linear(
         in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
     )
-    linear.weight = weight
-    linear.bias = bias
+    # the caller's Parameters (or a None bias) are kept as they are
+    linear.weight = weight  # type: ignore[assignment]
+    linear.bias = bias  # type: ignore[assignment]
     linear.palette = palette  # type: ignore[assignment]  # plain attribute, not state
     linear.train(training)
     return linear
