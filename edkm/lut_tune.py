@@ -78,15 +78,19 @@ class _LUTGather(torch.autograd.Function):
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         flat = _flat_indices(indices, lut.shape[1], group_size)
-        ctx.save_for_backward(flat)
+        # keep the layer's own (uint8) index buffer, not the int64 flat copy: saving costs
+        # nothing more than the module already holds; backward rebuilds the flat indices
+        ctx.save_for_backward(indices)
+        ctx.group_size = group_size
         ctx.lut_shape = lut.shape
         # one gather from a (G*K)-entry table already in the output dtype
         return torch.take(lut.detach().to(out_dtype).reshape(-1), flat).view(indices.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        (flat,) = ctx.saved_tensors
+        (indices,) = ctx.saved_tensors
         groups, k = ctx.lut_shape
+        flat = _flat_indices(indices, k, ctx.group_size)
         # the gradient of a LUT entry sums the gradients of the weights that use it
         g = torch.bincount(flat, weights=grad.reshape(-1).float(), minlength=groups * k)
         return g.view(groups, k).to(torch.float32), None, None, None

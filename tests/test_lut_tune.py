@@ -55,6 +55,27 @@ def test_gather_matches_the_reference(group_size, shape):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_gather_saves_only_the_uint8_index_buffer_for_backward():
+    # the int64 flat indices (8 bytes per weight) must not stay alive until backward
+    lut = torch.randn(2, 8, requires_grad=True)
+    idx = torch.randint(0, 8, (6, 10), dtype=torch.uint8)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        w = lut_gather(lut, idx, group_size=3)
+    assert len(saved) == 1 and saved[0].dtype == torch.uint8
+    assert saved[0].data_ptr() == idx.data_ptr()  # the buffer itself, no copy
+    w.sum().backward()
+    counts = torch.stack(
+        [torch.bincount(idx[r * 3 : r * 3 + 3].long().reshape(-1), minlength=8) for r in range(2)]
+    )
+    torch.testing.assert_close(lut.grad, counts.float())
+
+
 def _finalized(seed=0, bits=3):
     model = make_tiny_llama(seed)
     edkm.palettize_(model, edkm.DKMConfig(bits=bits, iters=2))
