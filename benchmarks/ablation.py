@@ -27,7 +27,7 @@ memory versus reference DKM.
 How the numbers are obtained (``--mode``):
 
 - ``fake``: everything is built and run under ``FakeTensorMode`` (shapes only, nothing
-  allocated) and measured with PyTorch's ``MemTracker`` (:func:`edkm.memory.measure_peak`).
+  allocated) and measured with PyTorch's ``MemTracker`` (:func:`edkm.memory.tracker.measure_peak`).
   The offload hooks run for real on the fake tensors; their host copies are allocated in the
   host pool, which the measurement keeps out of the device figure.
 - ``real``: the same with real tensors on the CPU (use a reduced ``--width``); host copies are
@@ -72,7 +72,7 @@ from benchmarks._common import (
     print_table,
     write_records,
 )
-from edkm.memory import measure_peak
+from edkm.memory.tracker import measure_peak
 from edkm.offload import SavedTensorOffload
 
 BITS = 3
@@ -119,14 +119,14 @@ class DKMLinearBench(nn.Module):
 
             soft, _ = implicit_dkm(self.weight, self.centroids, tau=TAU, iters=ITERS)
         elif self.method == "unique":
-            from edkm.unique import unique_dkm
+            from edkm.dkm.unique import unique_dkm
 
             # the fixed 65,536-row table: the shape-static form that FakeTensors can measure.
             # (dkm_soft may pick a compact table for real weights, which only needs less.)
             tau = torch.full((1,), TAU, device=self.weight.device)
             soft, _ = unique_dkm(self.weight, self.centroids, tau=tau, iters=ITERS, compact=False)
         else:
-            from edkm.dkm import dkm_soft
+            from edkm.dkm.soft import dkm_soft
 
             soft, _ = dkm_soft(
                 self.weight, self.centroids, tau=TAU, iters=ITERS, method=self.method
@@ -314,7 +314,7 @@ both the CPU here); "moved to host" is the hooks' own count of bytes copied to t
 memory = the row's peak minus the no-DKM floor's; reduction = reference DKM's DKM memory / the
 row's. The reference DKM (54 GiB) only runs fake at full size; the reduced-width comparison
 shows fake and real agreeing on every row, and the rows also run with real tensors at full size
-give the same figures as their fake runs (``edkm.unique`` keeps its real block size of 2^18
+give the same figures as their fake runs (``edkm.dkm.unique`` keeps its real block size of 2^18
 weights under FakeTensors, so its scratch buffers are measured as they are allocated).
 """
 

@@ -101,7 +101,7 @@ def _forward_backward(forward: Callable[[], torch.Tensor], g: torch.Tensor) -> N
 
 
 def dkm_step(method: str, w: torch.Tensor, c: torch.Tensor, g: torch.Tensor, tau: float) -> Step:
-    from edkm.dkm import dkm_soft
+    from edkm.dkm.soft import dkm_soft
 
     w.requires_grad_(True)
 

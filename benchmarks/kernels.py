@@ -7,7 +7,7 @@ On a GPU:
   bandwidth floor);
 - time and peak memory (``torch.cuda.max_memory_allocated``) of DKM forward+backward at
   11008 x 4096, 3 bits: reference DKM, the uniquified Triton path, the implicit Triton path.
-On CPU: the torch paths (reference DKM, the uniquified torch engine, ``edkm.dkm``'s unique method
+On CPU: the torch paths (reference DKM, the uniquified torch engine, ``edkm.dkm.soft``'s unique method
 when present, the chunked implicit engine) at a size that fits, peak memory from
 ``MemTracker``; the Triton rows are reported as needing a GPU.
 
@@ -109,10 +109,10 @@ def dkm_methods(
     methods: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
         "reference": dkm_reference
     }
-    if importlib.util.find_spec("edkm.dkm") is not None:
-        from edkm.dkm import dkm_soft
+    if importlib.util.find_spec("edkm.dkm.soft") is not None:
+        from edkm.dkm.soft import dkm_soft
 
-        methods["edkm.dkm unique"] = lambda w, c, **k: dkm_soft(w, c, method="unique", **k)
+        methods["edkm.dkm.soft unique"] = lambda w, c, **k: dkm_soft(w, c, method="unique", **k)
     if device.type == "cuda":
         methods["triton unique"] = lambda w, c, **k: unique_dkm(w, c, backend="triton", **k)
         methods["triton implicit"] = lambda w, c, **k: implicit_dkm(w, c, backend="triton", **k)

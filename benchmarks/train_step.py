@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import edkm
-    from edkm.models import load_model
-    from edkm.train import bf16_supported
+    from edkm.io.models import load_model
+    from edkm.train.loop import bf16_supported
 
     bf16 = bf16_supported(torch.device("cpu"))
 

@@ -19,15 +19,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "DKMConfig": "edkm.config",
-    "dkm_soft": "edkm.dkm",
-    "palettize_": "edkm.palettize",
-    "finalize": "edkm.palettize",
-    "save_palettized": "edkm.export",
-    "load_palettized": "edkm.export",
-    "PalettizedLinear": "edkm.export",
-    "perplexity": "edkm.evaluate",
-    "TrainConfig": "edkm.train_config",
+    "DKMConfig": "edkm.config.dkm",
+    "dkm_soft": "edkm.dkm.soft",
+    "palettize_": "edkm.nn.palettize",
+    "finalize": "edkm.nn.palettize",
+    "save_palettized": "edkm.export.palettized",
+    "load_palettized": "edkm.export.palettized",
+    "PalettizedLinear": "edkm.export.palettized",
+    "perplexity": "edkm.eval.perplexity",
+    "TrainConfig": "edkm.config.train",
     "compress": "edkm.compress",
 }
 
@@ -46,12 +46,11 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from edkm.compress import compress
-    from edkm.config import DKMConfig
-    from edkm.dkm import dkm_soft
-    from edkm.evaluate import perplexity
-    from edkm.export import PalettizedLinear, load_palettized, save_palettized
-    from edkm.palettize import finalize, palettize_
-    from edkm.train_config import TrainConfig
+    from edkm.config import DKMConfig, TrainConfig
+    from edkm.dkm.soft import dkm_soft
+    from edkm.eval.perplexity import perplexity
+    from edkm.export.palettized import PalettizedLinear, load_palettized, save_palettized
+    from edkm.nn.palettize import finalize, palettize_
 
 
 def __getattr__(name: str) -> Any:

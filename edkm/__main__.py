@@ -2,6 +2,6 @@
 
 import sys
 
-from edkm.cli import main
+from edkm.cli.main import main
 
 sys.exit(main())

@@ -5,11 +5,11 @@
 1. checks every input before any work (recipe, output folder, data long enough for a block);
 2. measures the original model and post-training baselines at the same bits (round-to-nearest
    per tensor and per group of 128, and k-means) on the held-out text;
-3. palettizes the selected layers and fine-tunes them with DKM (:mod:`edkm.train`), with
+3. palettizes the selected layers and fine-tunes them with DKM (:mod:`edkm.train.loop`), with
    resumable checkpoints;
 4. measures the soft (DKM) model and finalizes it (hard assignment);
 5. with ``lut_tune.steps > 0``, measures the hard model, then fine-tunes its LUT entries with
-   the indices fixed (:mod:`edkm.lut_tune`, resumable like training);
+   the indices fixed (:mod:`edkm.train.lut_tune`, resumable like training);
 6. saves LUT + packed indices with :func:`edkm.save_palettized`, reloads that folder from disk
    and measures the reloaded model: that is the figure a user gets;
 7. writes ``report.json`` and ``report.md`` in the output folder.
@@ -21,7 +21,7 @@ palettized model and its tokenizer), ``report.json``, ``report.md``.
 
 Example:
     >>> from edkm.compress import compress
-    >>> from edkm.train_config import Recipe
+    >>> from edkm.config import Recipe
     >>> report = compress(Recipe(), out="runs/smollm2-3bit")  # doctest: +SKIP
     >>> report["results"]["edkm_hard_reloaded"]["ppl"]  # doctest: +SKIP
 """
@@ -38,26 +38,21 @@ from typing import Any
 
 import torch
 
-from edkm.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
-from edkm.distill import make_teacher
+from edkm.config import Recipe
 from edkm.errors import InputError
-from edkm.evaluate import PerplexityResult, eval_blocks, perplexity_of_blocks
-from edkm.lut_tune import tune_luts
-from edkm.models import load_model
-from edkm.report import write_report
-from edkm.train import train, training_device
-from edkm.train_config import Recipe
+from edkm.eval.perplexity import PerplexityResult, eval_blocks, perplexity_of_blocks
+from edkm.eval.report import write_report
+from edkm.io import atomic
+from edkm.io.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
+from edkm.io.models import load_model
+from edkm.train.distill import make_teacher
+from edkm.train.loop import train, training_device
+from edkm.train.lut_tune import tune_luts
 
 RUN_FILE = "run.json"
 BASELINES_FILE = "baselines.json"
 MODEL_DIR = "model"
 LUT_DIR = "lut_tune"
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> None:
@@ -95,7 +90,9 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) 
         )
     out.mkdir(parents=True, exist_ok=True)
     if not run_file.is_file():
-        _atomic_json(run_file, {"format": "edkm-run", "version": 1, "recipe": recipe.to_dict()})
+        atomic.write_json(
+            run_file, {"format": "edkm-run", "version": 1, "recipe": recipe.to_dict()}
+        )
 
 
 def _peak_memory() -> dict[str, float]:
@@ -134,8 +131,8 @@ def _baselines(
     Each baseline quantizes the selected weights in place and is measured; the original
     weights are then copied back from a host copy of those weights alone (no second model).
     """
-    from edkm.baselines import kmeans_, rtn_
-    from edkm.palettize import select_layers
+    from edkm.eval.baselines import kmeans_, rtn_
+    from edkm.nn.palettize import select_layers
 
     cached = out / BASELINES_FILE
     if cached.is_file():
@@ -162,7 +159,7 @@ def _baselines(
                 with torch.no_grad():
                     for w, original in zip(weights, saved):
                         w.copy_(original)
-    _atomic_json(cached, {"recipe": recipe.to_dict(), "results": results})
+    atomic.write_json(cached, {"recipe": recipe.to_dict(), "results": results})
     return results
 
 
@@ -180,7 +177,7 @@ def compress(
         >>> report = compress(Recipe.from_yaml("recipes/smollm2_3bit.yaml"), out="runs/x")  # doctest: +SKIP
     """
     import edkm
-    from edkm.palettize import set_mode
+    from edkm.nn.palettize import set_mode
 
     out = Path(out)
     t_start = time.perf_counter()
@@ -272,7 +269,7 @@ def _as_plain(summary: Any) -> Any:
 
 
 def _size_report(model: torch.nn.Module, model_dir: Path) -> dict[str, Any]:
-    from edkm.export import PalettizedLinear
+    from edkm.export.palettized import PalettizedLinear
 
     pal_fp16 = pal_packed = other_fp16 = 0
     seen: set[int] = set()

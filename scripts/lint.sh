@@ -5,6 +5,6 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
 py="${EDKM_VENV:-.venv}/bin/python"
-"$py" -m ruff check edkm kernels offload tests benchmarks
-"$py" -m ruff format --check edkm kernels offload tests benchmarks
-"$py" -m mypy edkm kernels offload
+"$py" -m ruff check edkm tests benchmarks
+"$py" -m ruff format --check edkm tests benchmarks
+"$py" -m mypy edkm

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edkm.cli import main
+from edkm.cli.main import main
 from tests.tiny_run import tiny_model_dir, tiny_recipe, tiny_text
 
 
@@ -66,8 +66,8 @@ def test_full_run_writes_model_and_report(tiny, capsys):
 @pytest.mark.parametrize(
     "extra,yaml_text,message",
     [
-        (["--bits", "0"], None, "--bits must be in 1..8, got 0"),
-        (["--bits", "9"], None, "--bits must be in 1..8, got 9"),
+        (["--bits", "0"], None, "--bits must be an integer in 1..8, got 0"),
+        (["--bits", "9"], None, "--bits must be an integer in 1..8, got 9"),
         ([], "train: {stepz: 3}\n", "unknown key 'stepz'"),
         ([], "train: {steps: many}\n", "Recipe.train.steps: expected int"),
         ([], "dkm: {bits: 12}\n", "Recipe.dkm.bits: must be an integer in 1..8"),

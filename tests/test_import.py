@@ -13,7 +13,7 @@ torch.cuda.device_count = lambda: calls.append("device_count") or 0
 torch.cuda.init = lambda: calls.append("init")
 
 import edkm
-import edkm.config, edkm.dkm, edkm.palettize, edkm.export  # the public API's modules
+import edkm.config.dkm, edkm.dkm.soft, edkm.nn.palettize, edkm.export.palettized  # the public API's modules
 import edkm.kernels, edkm.offload
 
 heavy = sorted(m for m in ("transformers", "triton") if m in sys.modules)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from edkm.train_config import EvalConfig, Recipe, TrainConfig
+from edkm.config import EvalConfig, Recipe, TrainConfig
 from tests.conftest import make_tiny_llama
-from tests.test_models import _save_tiny_with_tokenizer
+from tests.io.test_models import _save_tiny_with_tokenizer
 
 
 def tiny_model_dir(path: Path) -> Path:

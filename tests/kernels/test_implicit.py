@@ -142,9 +142,9 @@ def test_runs_under_fake_tensor_mode():
 
 
 def test_matches_edkm_dkm_reference(make_inputs, run_dkm):
-    if importlib.util.find_spec("edkm.dkm") is None:
-        pytest.skip("edkm.dkm is not there yet")
-    from edkm.dkm import dkm_soft
+    if importlib.util.find_spec("edkm.dkm.soft") is None:
+        pytest.skip("edkm.dkm.soft is not there yet")
+    from edkm.dkm.soft import dkm_soft
 
     w, c, tau = make_inputs((37, 53), 37, 3, torch.bfloat16, seed=5)
     ref = run_dkm(dkm_soft, w, c, tau=tau, iters=3, group_size=37, method="reference")

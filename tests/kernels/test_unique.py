@@ -224,9 +224,9 @@ def test_runs_under_fake_tensor_mode():
 
 
 def test_matches_edkm_dkm_unique(run_dkm, device):
-    if importlib.util.find_spec("edkm.dkm") is None:
-        pytest.skip("edkm.dkm is not there yet")
-    from edkm.dkm import dkm_soft
+    if importlib.util.find_spec("edkm.dkm.soft") is None:
+        pytest.skip("edkm.dkm.soft is not there yet")
+    from edkm.dkm.soft import dkm_soft
 
     w, c, tau, gs = _inputs(DKM_CASES[0], device)
     ref = run_dkm(dkm_soft, w, c, tau=tau, iters=3, group_size=gs, method="reference")

@@ -1,0 +1,108 @@
+"""``report.json`` and ``report.md`` of an ``edkm compress`` run.
+
+Example:
+    >>> print(render_markdown(report))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edkm.io import atomic
+
+_LABELS = {
+    "original": "original (fp32)",
+    "edkm_soft": "eDKM soft (DKM weights, before finalize)",
+    "edkm_hard": "eDKM hard, before LUT fine-tuning",
+    "edkm_hard_reloaded": "**eDKM hard, reloaded from disk (shipped)**",
+}
+
+
+def _label(key: str) -> str:
+    if key in _LABELS:
+        return _LABELS[key]
+    kind, bits, scope = ([*key.split("_", 2), "", ""])[:3]
+    name = {"rtn": "round-to-nearest", "kmeans": "post-training k-means"}.get(kind, kind)
+    return f"{name}, {bits.replace('bit', '-bit')}, {scope.replace('_', ' ')}"
+
+
+def _distill_note(recipe: dict[str, Any]) -> str:
+    weight = recipe.get("train", {}).get("distill", 0.0)
+    return f", distilled from the original model (weight {weight:g})" if weight else ""
+
+
+def _lut_note(report: dict[str, Any]) -> str:
+    lut = report.get("lut_tune")
+    if not lut:
+        return ""
+    what = report["recipe"].get("lut_tune", {}).get("trainable", "all")
+    return (
+        f"LUT fine-tuning (indices fixed, trainable: {what}): {lut['steps']} steps, "
+        f"{lut['tokens_seen']:,} tokens, {lut['train_time_s']:.0f} s. "
+    )
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The human-readable report (a Markdown table plus run facts)."""
+    recipe = report["recipe"]
+    results = report["results"]
+    base = results["original"]["ppl"]
+    ev = report["eval"]
+    lines = [
+        f"# edkm compress report: {recipe['model']} at {recipe['dkm']['bits']} bits",
+        "",
+        f"Held-out perplexity on {recipe['data']} text: {ev['windows']} windows x "
+        f"{ev['seq_len']} tokens, each scored on its own (edkm.eval.perplexity). All rows were "
+        "computed in this run.",
+        "",
+        "| model | perplexity | x original |",
+        "|---|---:|---:|",
+    ]
+    for key, res in results.items():
+        lines.append(f"| {_label(key)} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} |")
+    size = report["size"]
+    train = report["train"]
+    mem = report["memory"]
+    lines += [
+        "",
+        f"Reloaded model's logits identical to the finalized in-memory model: "
+        f"{report['reload_logits_identical']}.",
+        "",
+        "| size | bytes |",
+        "|---|---:|",
+        f"| palettized layers, fp16 | {_mib(size['palettized_layers_fp16_bytes'])} |",
+        f"| palettized layers, LUT + packed indices | "
+        f"{_mib(size['palettized_layers_lut_indices_bytes'])} "
+        f"({size['palettized_layers_ratio']}x smaller) |",
+        f"| whole model, fp16 | {_mib(size['model_fp16_bytes'])} |",
+        f"| whole model, palettized | {_mib(size['model_palettized_bytes'])} |",
+        "",
+        f"Training: {train['steps']} steps, {train['tokens_seen']:,} tokens seen "
+        f"({train['train_blocks']} training blocks), {train['train_time_s']:.0f} s"
+        + _distill_note(recipe)
+        + ". "
+        + _lut_note(report)
+        + f"Whole run: {report['wall_time_s']:.0f} s on {report['device']} "
+        f"(torch {report['torch']}). Peak memory: "
+        + ", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in mem.items())
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out: str | os.PathLike[str]) -> None:
+    """Write ``report.json`` and ``report.md`` into ``out`` (each atomically)."""
+    out = Path(out)
+    for name, text in (
+        ("report.json", json.dumps(report, indent=2) + "\n"),
+        ("report.md", render_markdown(report)),
+    ):
+        atomic.write_text(out / name, text)

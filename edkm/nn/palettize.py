@@ -1,0 +1,548 @@
+"""Wrap a model's Linear weights with DKM (``palettize_``) and turn them into LUTs (``finalize``).
+
+``palettize_(model, config)`` swaps each selected ``nn.Linear`` for a ``DKMLinear`` in place.
+We swap modules rather than use ``torch.nn.utils.parametrize`` because a parametrization renames
+the weight to ``...parametrizations.weight.original``; the swap keeps the very same ``weight``
+and ``bias`` Parameter objects under their original names, so ``named_parameters()``, the
+state_dict keys, an optimizer created before the swap, and checkpoints all stay valid. The
+wrapper adds two buffers that enter the state_dict: ``centroids`` (G, K) fp32, the LUT that the
+warm start carries from step to step, and ``tau_base`` (G,), the absolute DKM temperature per
+LUT group (``tau * var(w_group)`` at wrap time; see ``edkm.config.dkm``).
+
+Forward, in ``"soft"`` mode, runs DKM (``edkm.dkm.soft.dkm_soft``) from the stored centroids and,
+in training mode, stores the new centroids (detached) for the next step: the warm start. DKM
+always runs in fp32 arithmetic with autocast disabled (clustering in bf16 would move the
+centroids by bf16 rounding steps); the matmul itself follows the ambient autocast. ``"hard"``
+mode uses nearest-centroid weights (centroids rounded to fp16, as ``finalize`` does), so it
+evaluates exactly the model that ``finalize`` will produce; it passes no gradient to the weight.
+
+``finalize(model)`` snaps each LUT to fp16 (the checkpoint's LUT dtype), assigns each weight
+to its nearest LUT entry, overwrites the weight with ``LUT[indices]`` and swaps a plain
+``nn.Linear`` back in. What ``save_palettized`` needs (fp16 LUT, bit-packed indices, bits,
+group size) hangs off that Linear as the attribute ``palette``, outside the state_dict.
+
+Example:
+    >>> import edkm
+    >>> summary = edkm.palettize_(model, edkm.DKMConfig(bits=3))  # doctest: +SKIP
+    >>> print(summary)  # doctest: +SKIP
+    >>> edkm.finalize(model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edkm.adapters import get_adapter
+from edkm.config import DKMConfig, LayerSpec
+from edkm.errors import InputError, check_bits
+from edkm.nn.bitpack import pack_indices, packed_size
+
+__all__ = [
+    "DKMLinear",
+    "LayerSummary",
+    "Palette",
+    "PalettizeSummary",
+    "dkm_layers",
+    "finalize",
+    "finalized_linear",
+    "lut_lookup",
+    "palettize_",
+    "palettized_modules",
+    "select_layers",
+    "set_mode",
+    "set_tau_scale",
+]
+
+Mode = Literal["soft", "hard"]
+_CONFIG_ATTR = "edkm_dkm_config"  # the DKMConfig used, kept on the model for export
+
+
+def lut_lookup(lut: torch.Tensor, indices: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Dense weight ``LUT[group(row), index]`` for (out, in) ``indices`` and (G, K) ``lut``.
+
+    Groups are ``group_size`` consecutive output channels (rows); ``None`` means one LUT.
+
+    Example:
+        >>> lut = torch.tensor([[0.0, 1.0], [10.0, 11.0]])
+        >>> lut_lookup(lut, torch.tensor([[1, 0], [0, 1]]), group_size=1).tolist()
+        [[1.0, 0.0], [10.0, 11.0]]
+    """
+    idx = indices.long()
+    if group_size is None:
+        return lut[0][idx]
+    rows = torch.arange(idx.shape[0], device=idx.device) // group_size
+    return lut[rows.unsqueeze(1), idx]
+
+
+def _check_finite(weight: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise InputError(
+            f"layer '{name}': weight has {bad} non-finite value(s) (NaN/inf); "
+            "DKM cannot cluster them"
+        )
+
+
+def _group_variance(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    w = weight.detach().float()
+    rows = w.reshape(1, -1) if group_size is None else w.reshape(-1, group_size * w.shape[1])
+    return rows.var(dim=1, unbiased=False)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class DKMLinear(nn.Module):
+    """A Linear layer whose weight goes through DKM soft clustering in forward.
+
+    It holds the original ``weight``/``bias`` Parameters (same objects, same names) plus the
+    buffers ``centroids`` (G, K) fp32 and ``tau_base`` (G,) fp32. Build it with ``palettize_``.
+
+    Example:
+        >>> layer = DKMLinear(nn.Linear(8, 4), DKMConfig(bits=1).global_spec(), "demo")  # doctest: +SKIP
+        >>> layer.centroids.shape  # doctest: +SKIP
+        torch.Size([1, 2])
+    """
+
+    centroids: torch.Tensor
+    tau_base: torch.Tensor
+
+    def __init__(self, linear: nn.Linear, spec: LayerSpec, name: str) -> None:
+        super().__init__()
+        from edkm.dkm.centroids import init_centroids
+
+        out_features, in_features = linear.weight.shape
+        check_bits(spec.bits, f"layer '{name}': bits")
+        if spec.group_size is not None and out_features % spec.group_size:
+            raise InputError(
+                f"layer '{name}': group_size {spec.group_size} does not divide its "
+                f"{out_features} output channels"
+            )
+        _check_finite(linear.weight.detach(), name)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.layer_name = name
+        self.bits = spec.bits
+        self.group_size = spec.group_size
+        self.iters = spec.iters
+        self.method = spec.method
+        self.tau_relative = spec.tau
+        self.tau_scale = 1.0
+        self.mode: Mode = "soft"
+        # centroids the last training forward started from (for checkpoint recomputation)
+        self._last_start: torch.Tensor | None = None
+        with torch.no_grad():
+            centroids = init_centroids(
+                self.weight.detach().float(),
+                spec.bits,
+                method=spec.init,
+                group_size=spec.group_size,
+                seed=spec.seed,
+            )
+            # clamp: a constant group has variance 0, and tau 0 would divide by zero
+            var = _group_variance(self.weight, spec.group_size)
+            tau_base = spec.tau * var.clamp_min(torch.finfo(torch.float32).tiny)
+        self.register_buffer("centroids", centroids.float().to(self.weight.device))
+        self.register_buffer("tau_base", tau_base.to(self.weight.device))
+
+    @property
+    def num_groups(self) -> int:
+        """LUT groups G (1 per tensor, or out_features // group_size)."""
+        return 1 if self.group_size is None else self.out_features // self.group_size
+
+    @property
+    def tau(self) -> torch.Tensor:
+        """The absolute temperature per LUT group that DKM uses now: ``tau_base * tau_scale``."""
+        return self.tau_base * self.tau_scale
+
+    def lut(self) -> torch.Tensor:
+        """The centroids rounded to fp16, as ``finalize`` and the checkpoint store them."""
+        return self.centroids.detach().to(torch.float16)
+
+    def hard_indices(self) -> torch.Tensor:
+        """Index of each weight's nearest LUT entry (fp16-rounded centroids), uint8 (out, in)."""
+        from edkm.dkm.centroids import hard_assign
+
+        with torch.no_grad():
+            return hard_assign(self.weight.detach().float(), self.lut().float(), self.group_size)
+
+    def hard_weight(self) -> torch.Tensor:
+        """Nearest-LUT-entry weights in the weight's dtype, exactly what ``finalize`` gives.
+
+        No gradient flows to the weight: hard mode is for evaluation.
+        """
+        with torch.no_grad():
+            lut = self.lut().to(self.weight.dtype)
+            return lut_lookup(lut, self.hard_indices(), self.group_size)
+
+    def soft_weight(self) -> torch.Tensor:
+        """DKM soft weights; in training mode also stores the new centroids (warm start)."""
+        from edkm.dkm.soft import dkm_soft
+
+        # Activation checkpointing re-runs this forward inside backward. The re-run must start
+        # from the centroids the original forward started from (not the ones it stored), and
+        # must not store again, or its soft weights and gradients would differ. This holds when
+        # each forward's backward runs before the layer's next training forward (the usual
+        # loop, gradient accumulation included).
+        recompute = _in_backward() and self._last_start is not None
+        start = self._last_start if recompute else self.centroids
+        assert start is not None
+        device_type = self.weight.device.type
+        # Under autocast the matmul would cast an fp32 soft weight to the autocast dtype (and
+        # its gradient back): DKM writes it in that dtype directly, the same values in one pass.
+        out_dtype = None
+        if torch.is_autocast_enabled(device_type) and self.weight.dtype == torch.float32:
+            out_dtype = torch.get_autocast_dtype(device_type)
+        try:
+            with torch.autocast(device_type=device_type, enabled=False):
+                soft, new_centroids = dkm_soft(
+                    self.weight,
+                    start,
+                    tau=self.tau,
+                    iters=self.iters,
+                    method=self.method,
+                    group_size=self.group_size,
+                    out_dtype=out_dtype,
+                )
+        except ValueError as err:  # e.g. non-finite weights: say which layer
+            raise InputError(f"layer '{self.layer_name}': {err}") from err
+        if self.training and not recompute:
+            self._last_start = start
+            self.centroids = new_centroids.detach().float()
+        return soft
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.hard_weight() if self.mode == "hard" else self.soft_weight()
+        return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        group = "per_tensor" if self.group_size is None else f"group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits={self.bits}, {group}, iters={self.iters}, "
+            f"mode={self.mode}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSummary:
+    """One palettized layer: name, shape, bits and LUT groups."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int | None
+    num_groups: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the exported layer: packed indices plus fp16 LUTs."""
+        return packed_size(self.numel, self.bits) + 2 * self.num_groups * (1 << self.bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class PalettizeSummary:
+    """What ``palettize_`` wrapped; ``print`` it for a table.
+
+    Example:
+        >>> s = PalettizeSummary([LayerSummary("a", 4, 8, 2, None, 1)], model_params=64)
+        >>> (s.num_layers, s.num_params, round(s.bits_per_weight, 2))
+        (1, 32, 4.0)
+    """
+
+    layers: list[LayerSummary]
+    model_params: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_params(self) -> int:
+        """Weights palettized (biases are kept as they are)."""
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Exported size of the palettized weights per weight, LUTs included."""
+        if not self.layers:
+            return 0.0
+        return 8 * sum(layer.packed_bytes for layer in self.layers) / self.num_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_layers": self.num_layers,
+            "num_params": self.num_params,
+            "model_params": self.model_params,
+            "bits_per_weight": self.bits_per_weight,
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        lines = [f"{'layer':<{width}}  {'shape':>12}  bits  luts"]
+        for layer in self.layers:
+            shape = f"{layer.out_features}x{layer.in_features}"
+            lines.append(
+                f"{layer.name:<{width}}  {shape:>12}  {layer.bits:>4}  {layer.num_groups:>4}"
+            )
+        share = self.num_params / self.model_params if self.model_params else 0.0
+        lines.append(
+            f"{self.num_layers} layers, {self.num_params:,} weights palettized "
+            f"({share:.1%} of {self.model_params:,} parameters), "
+            f"{self.bits_per_weight:.3f} bits/weight exported"
+        )
+        return "\n".join(lines)
+
+
+def _module_types(model: nn.Module) -> dict[str, list[str]]:
+    """name -> class names of the module, then of its enclosing modules, innermost first."""
+    out: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        parent = name.rpartition(".")[0] if name else None
+        own = [type(module).__name__]
+        out[name] = own + (out.get(parent, []) if parent is not None else [])
+    return out
+
+
+def select_layers(model: nn.Module, config: DKMConfig) -> list[tuple[str, nn.Linear, LayerSpec]]:
+    """The modules ``config`` selects, with their resolved settings, in model order.
+
+    Defaults come from the model adapter (Linear layers inside decoder blocks); name overrides
+    may add others. A selected module that is not a Linear is an error naming it. The post-
+    training baselines use the same selection.
+
+    Example:
+        >>> [n for n, _, _ in select_layers(model, DKMConfig())][:1]  # doctest: +SKIP
+        ['model.layers.0.self_attn.q_proj']
+    """
+    adapter = get_adapter(model)
+    defaults = {name for name, _ in adapter.linear_layers()}
+    types = _module_types(model)
+    selected: list[tuple[str, nn.Linear, LayerSpec]] = []
+    matched_names: set[str] = set()
+    seen_types: set[str] = set()
+    for name, module in model.named_modules():
+        # only modules that own a weight can be targets (Linear, Embedding, norms, ...)
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        found, key = config.name_override(name)
+        if found:
+            matched_names.add(str(key))
+        if name in defaults:
+            seen_types.update(types[name])
+        spec = config.resolve(name, types[name], default=name in defaults)
+        if spec is None:
+            continue
+        if isinstance(module, DKMLinear):
+            raise InputError(
+                f"layer '{name}' is already palettized; call edkm.finalize(model) before "
+                "palettizing again"
+            )
+        if type(module) is not nn.Linear:
+            raise InputError(
+                f"layer '{name}' is a {type(module).__name__}, not a Linear layer; only Linear "
+                "weights can be palettized (check module_name_configs)"
+            )
+        assert isinstance(module, nn.Linear)
+        selected.append((name, module, spec))
+    unmatched = [
+        f"module_name_configs key {k!r}"
+        for k in config.module_name_configs
+        if k not in matched_names
+    ]
+    unmatched += [
+        f"module_type_configs key {k!r}" for k in config.module_type_configs if k not in seen_types
+    ]
+    for what in unmatched:  # most likely a typo: say so rather than silently ignore it
+        warnings.warn(f"{what} matches no layer", stacklevel=3)
+    return selected
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def palettize_(model: nn.Module, config: DKMConfig | None = None) -> PalettizeSummary:
+    """Wrap the Linear weights that ``config`` selects with DKM, in place; return a summary.
+
+    Errors (``InputError``, naming the layer): a selected module that is not a Linear, a tied
+    weight, bits outside 1..8, a group size that does not divide the output channels, and
+    non-finite weights. The model must be one that ``edkm.adapters.get_adapter`` knows.
+
+    Example:
+        >>> import edkm
+        >>> print(edkm.palettize_(model, edkm.DKMConfig(bits=3)))  # doctest: +SKIP
+    """
+    config = DKMConfig() if config is None else config
+    config.validate()  # a config mutated after construction is checked again
+    selected = select_layers(model, config)
+    shared = _shared_weights(model)
+    for name, module, _ in selected:
+        others = [n for n in shared[id(module.weight)] if n != f"{name}.weight"]
+        if others:
+            raise InputError(
+                f"layer '{name}': its weight is tied to {', '.join(others)}; "
+                "tied weights cannot be palettized"
+            )
+    # build every wrapper first so that an error leaves the model untouched
+    wrappers = [(name, DKMLinear(module, spec, name)) for name, module, spec in selected]
+    for (name, wrapper), (_, module, _) in zip(wrappers, selected):
+        wrapper.train(module.training)
+        model.set_submodule(name, wrapper)
+    object.__setattr__(model, _CONFIG_ATTR, config)
+    layers = [
+        LayerSummary(
+            name=name,
+            out_features=w.out_features,
+            in_features=w.in_features,
+            bits=w.bits,
+            group_size=w.group_size,
+            num_groups=w.num_groups,
+        )
+        for name, w in wrappers
+    ]
+    model_params = sum(p.numel() for p in model.parameters())
+    return PalettizeSummary(layers=layers, model_params=model_params)
+
+
+def dkm_layers(model: nn.Module) -> Iterator[tuple[str, DKMLinear]]:
+    """The DKM-wrapped layers of ``model`` as ``(name, module)``.
+
+    Example:
+        >>> [name for name, _ in dkm_layers(model)][:1]  # doctest: +SKIP
+        ['model.layers.0.self_attn.q_proj']
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, DKMLinear):
+            yield name, module
+
+
+palettized_modules = dkm_layers  # the name the trainer uses
+
+
+def set_tau_scale(model: nn.Module, scale: float) -> None:
+    """Multiply every layer's base temperature by ``scale`` (for annealing schedules).
+
+    Example:
+        >>> set_tau_scale(model, 0.5)  # doctest: +SKIP
+    """
+    if not (scale > 0 and scale < float("inf")):
+        raise InputError(f"tau scale must be a finite number > 0, got {scale}")
+    for _, layer in dkm_layers(model):
+        layer.tau_scale = float(scale)
+
+
+def set_mode(model: nn.Module, mode: Mode) -> None:
+    """Switch every DKM layer to ``"soft"`` (DKM weights) or ``"hard"`` (nearest centroid).
+
+    Example:
+        >>> set_mode(model, "hard")  # doctest: +SKIP
+    """
+    if mode not in ("soft", "hard"):
+        raise InputError(f"mode must be 'soft' or 'hard', got {mode!r}")
+    for _, layer in dkm_layers(model):
+        layer.mode = mode
+
+
+@dataclasses.dataclass
+class Palette:
+    """A finalized layer's LUT (fp16, (G, K)), packed indices and layout; see ``finalize``."""
+
+    lut: torch.Tensor
+    packed_indices: torch.Tensor
+    bits: int
+    group_size: int | None
+    shape: tuple[int, int]
+
+    def indices(self) -> torch.Tensor:
+        """The uint8 (out, in) indices."""
+        from edkm.nn.bitpack import unpack_indices
+
+        count = self.shape[0] * self.shape[1]
+        return unpack_indices(self.packed_indices, self.bits, count).view(self.shape)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """``LUT[indices]`` in ``dtype`` (fp16 LUT values converted once, as on reload)."""
+        return lut_lookup(self.lut.to(dtype), self.indices(), self.group_size)
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Hard-assign every DKM layer and swap plain ``nn.Linear`` layers back in; returns model.
+
+    Each LUT is first rounded to fp16 (the checkpoint's LUT dtype), then each weight takes its
+    nearest LUT entry, so the finalized weights equal those ``load_palettized`` rebuilds,
+    bit for bit. Every LUT group then holds at most 2**bits distinct values. The ``palette``
+    attribute of each returned Linear keeps the LUT and packed indices for ``save_palettized``.
+
+    Example:
+        >>> import edkm
+        >>> model = edkm.finalize(model)  # doctest: +SKIP
+        >>> model.model.layers[0].mlp.up_proj.palette.bits  # doctest: +SKIP
+        3
+    """
+    layers = list(dkm_layers(model))
+    for name, layer in layers:
+        weight = layer.weight
+        _check_finite(weight.detach(), name)
+        lut = layer.lut()
+        if not bool(torch.isfinite(lut).all()):
+            raise InputError(f"layer '{name}': a centroid overflows fp16 (|c| > 65504)")
+        with torch.no_grad():
+            indices = layer.hard_indices()
+            palette = Palette(
+                lut=lut,
+                packed_indices=pack_indices(indices, layer.bits),
+                bits=layer.bits,
+                group_size=layer.group_size,
+                shape=(layer.out_features, layer.in_features),
+            )
+            weight.copy_(lut_lookup(lut.to(weight.dtype), indices, layer.group_size))
+        model.set_submodule(name, finalized_linear(weight, layer.bias, palette, layer.training))
+    return model
+
+
+def finalized_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, palette: Palette, training: bool
+) -> nn.Linear:
+    """A plain ``nn.Linear`` on ``weight`` (= ``palette.dense``) carrying ``palette``.
+
+    This is the form ``finalize`` leaves each layer in and ``save_palettized`` expects; the
+    Parameters are used as they are (no copy).
+
+    Example:
+        >>> p = Palette(torch.zeros(1, 2, dtype=torch.float16), torch.zeros(1, dtype=torch.uint8),
+        ...             1, None, (2, 3))
+        >>> finalized_linear(nn.Parameter(torch.zeros(2, 3)), None, p, False).palette.bits
+        1
+    """
+    out_features, in_features = weight.shape
+    linear = nn.Linear(
+        in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
+    )
+    # the caller's Parameters (or a None bias) are kept as they are
+    linear.weight = weight  # type: ignore[assignment]
+    linear.bias = bias  # type: ignore[assignment]
+    linear.palette = palette  # type: ignore[assignment]  # plain attribute, not state
+    linear.train(training)
+    return linear

@@ -1,0 +1,371 @@
+"""The DKM fine-tuning loop: causal-LM loss on training blocks, DKM on the palettized layers.
+
+What a step does: ``grad_accum`` micro-batches of ``batch_size`` blocks each (forward under bf16
+autocast where the device supports it, backward), gradient clipping, an AdamW step, the
+learning-rate schedule (linear warm-up, cosine decay to ``min_lr_ratio``) and the temperature
+schedule (DKM's tau scaled geometrically from ``tau_start`` to ``tau_end`` times the configured
+tau, so the soft weights converge onto the hard ones by the end of training).
+
+Determinism: the order of the training blocks depends only on ``(seed, step)``; the
+checkpoint holds model (DKM centroids included), optimizer, scheduler and RNG states, so a run
+stopped and resumed ends with exactly the weights of an uninterrupted run on the same machine.
+SIGTERM and Ctrl-C finish the current step, write a checkpoint and raise
+:class:`TrainingInterrupted`.
+
+Example:
+    >>> from edkm.train.loop import train
+    >>> state = train(model, blocks, TrainConfig(steps=10), run_dir="runs/demo")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from edkm.config import TrainConfig
+from edkm.io import atomic
+from edkm.nn.palettize import set_tau_scale
+from edkm.progress import progress
+from edkm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from edkm.train.distill import distill_loss
+
+LOG_FILE = "train_log.jsonl"
+# Test hook: deliver SIGTERM to this process right after the given step (exercises the real
+# signal path deterministically).
+_SIGTERM_AT_ENV = "EDKM_TEST_SIGTERM_AT_STEP"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped by a signal after a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after step {step}, checkpoint {checkpoint}")
+
+
+def _accelerator(cfg: TrainConfig) -> Any:
+    """A fresh ``Accelerator`` for this run's device choice.
+
+    accelerate keeps its device state in a process-wide singleton fixed by the first
+    ``Accelerator``; a second run in the same process (another ``edkm.compress`` call, a
+    notebook) with another ``device`` would silently inherit the first one, so it is reset.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cfg.device == "cpu")
+
+
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The device a run with this config trains on (accelerate's choice, or the CPU).
+
+    Example:
+        >>> training_device(TrainConfig(device="cpu"))
+        device(type='cpu')
+    """
+    return torch.device(_accelerator(cfg).device)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up then cosine decay.
+
+    Example:
+        >>> cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+        >>> round(lr_factor(0, cfg), 2), round(lr_factor(10, cfg), 2), round(lr_factor(100, cfg), 2)
+        (0.1, 1.0, 0.1)
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress_ = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+def tau_scale(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of DKM's tau at ``step``: geometric from ``tau_start`` to ``tau_end``.
+
+    Example:
+        >>> cfg = TrainConfig(steps=11, tau_start=1.0, tau_end=0.01)
+        >>> tau_scale(0, cfg), round(tau_scale(5, cfg), 6), round(tau_scale(10, cfg), 6)
+        (1.0, 0.1, 0.01)
+    """
+    if cfg.steps <= 1:
+        return cfg.tau_end
+    frac = min(1.0, step / (cfg.steps - 1))
+    return float(cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac)
+
+
+def block_indices(step: int, cfg: TrainConfig, n_blocks: int) -> torch.Tensor:
+    """Indices of the training blocks used by ``step``: a seeded permutation per epoch.
+
+    Example:
+        >>> cfg = TrainConfig(batch_size=2, grad_accum=2, seed=0)
+        >>> block_indices(0, cfg, 10).tolist() == block_indices(0, cfg, 10).tolist()
+        True
+    """
+    per_step = cfg.batch_size * cfg.grad_accum
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(pos, n_blocks)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n_blocks, generator=gen)[offset]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def norm_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of the model's normalization layers (RMSNorm, LayerNorm, ...).
+
+    Example:
+        >>> len(norm_parameters(torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))))
+        2
+    """
+    out: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                out[id(p)] = p
+    return list(out.values())
+
+
+def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates (``cfg.trainable``).
+
+    ``"all"``: every parameter that requires grad (a caller may freeze some beforehand, as the
+    LUT phase does); the other choices also freeze every parameter they leave out.
+    """
+    from edkm.nn.palettize import palettized_modules
+
+    if cfg.trainable == "all":  # every parameter the caller has not frozen
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        chosen: dict[int, torch.nn.Parameter] = {}
+        for _, module in palettized_modules(model):
+            for p in module.parameters():
+                chosen[id(p)] = p
+        if cfg.trainable == "palettized+norms":
+            for p in norm_parameters(model):
+                chosen[id(p)] = p
+        params = list(chosen.values())
+        keep = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    return params
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (handlers restored on exit).
+
+    A second Ctrl-C stops at once (no checkpoint for the step in flight; the previous one
+    stays valid).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            # a second Ctrl-C: the user does not want to wait for the step to finish
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _SignalFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (what ``autocast: bf16`` asks for).
+
+    A CPU without native bf16 (AVX2 only, no AVX-512) emulates it: there a bf16 matmul is
+    several times slower than an fp32 one (5.5x measured on a 2-core AVX2 machine), so
+    training stays in fp32.
+
+    Example:
+        >>> isinstance(bf16_supported(torch.device("cpu")), bool)
+        True
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    if cfg.autocast == "off" or not bf16_supported(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    run_dir: str | os.PathLike[str],
+    resume: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    show_progress: bool = True,
+    teacher: torch.nn.Module | None = None,
+) -> TrainState:
+    """Fine-tune a palettized model on ``(n, seq_len)`` token blocks; returns the final counters.
+
+    ``run_dir`` receives ``train_log.jsonl`` (one JSON object per step) and ``checkpoints/``.
+    With ``resume=True`` training continues from the newest checkpoint there. With
+    ``cfg.distill > 0``, ``teacher`` (:func:`edkm.train.distill.make_teacher` of the model before
+    palettization) is required: it is moved to the training device and only run forward.
+
+    Example:
+        >>> edkm.palettize_(model, edkm.DKMConfig(bits=3))  # doctest: +SKIP
+        >>> train(model, blocks, TrainConfig(steps=100), run_dir="runs/x")  # doctest: +SKIP
+    """
+    if cfg.distill > 0 and teacher is None:
+        raise ValueError(f"TrainConfig.distill={cfg.distill} needs a teacher model")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    accelerator = _accelerator(cfg)
+    # a teacher given without distillation is not run
+    teacher = teacher.to(accelerator.device) if teacher is not None and cfg.distill > 0 else None
+    params = trainable_parameters(model, cfg)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+    log_path = run_dir / LOG_FILE
+    _truncate_log(log_path, state.step)
+    sigterm_at = int(os.environ.get(_SIGTERM_AT_ENV, "-1"))
+    model.train()
+    start_wall = time.perf_counter() - state.elapsed_s
+    with (
+        _SignalFlag() as flag,
+        log_path.open("a") as log,
+        progress(total=cfg.steps, desc="train", unit="step", disable=not show_progress) as bar,
+    ):
+        bar.update(state.step)
+        while state.step < cfg.steps:
+            record = _train_step(
+                model, blocks, cfg, state, optimizer, scheduler, accelerator, teacher
+            )
+            state.elapsed_s = time.perf_counter() - start_wall
+            record["elapsed_s"] = round(state.elapsed_s, 3)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if on_step is not None:
+                on_step(record)
+            if state.step == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            final = state.step == cfg.steps
+            if flag.signum is not None or final or state.step % cfg.checkpoint_every == 0:
+                path = save_checkpoint(
+                    run_dir,
+                    model=accelerator.unwrap_model(model),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    state=state,
+                )
+                if flag.signum is not None and not final:
+                    raise TrainingInterrupted(flag.signum, state.step, path)
+    # the temperature of the last step, also when a resumed run had no step left to take
+    set_tau_scale(model, tau_scale(cfg.steps - 1, cfg))
+    model.eval()
+    return state
+
+
+def _train_step(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: TrainConfig,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Any,
+    teacher: torch.nn.Module | None,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    scale = tau_scale(state.step, cfg)
+    set_tau_scale(model, scale)
+    idx = block_indices(state.step, cfg, blocks.shape[0])
+    total_loss = total_ce = total_kd = 0.0
+    for micro in _chunks(idx, cfg.batch_size):
+        batch = blocks[micro].to(accelerator.device)
+        with _autocast(accelerator.device, cfg):
+            out = model(input_ids=batch, labels=batch)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch).logits
+                kd = distill_loss(out.logits, teacher_logits)
+                total_ce += float(loss.detach()) / cfg.grad_accum
+                total_kd += float(kd.detach()) / cfg.grad_accum
+                loss = (1 - cfg.distill) * loss + cfg.distill * kd
+                del teacher_logits
+        del out
+        accelerator.backward(loss / cfg.grad_accum)
+        total_loss += float(loss.detach()) / cfg.grad_accum
+    grad_norm = accelerator.clip_grad_norm_(
+        [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+    )
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    state.step += 1
+    tokens = idx.numel() * blocks.shape[1]
+    state.tokens_seen += tokens
+    dt = time.perf_counter() - t0
+    record = {
+        "step": state.step,
+        "loss": round(total_loss, 6),
+        "lr": lr,
+        "tau_scale": scale,
+        "grad_norm": round(float(grad_norm), 6),
+        "tokens": state.tokens_seen,
+        "tokens_per_s": tokens / dt,
+        "step_s": round(dt, 4),
+    }
+    if teacher is not None:
+        record["ce"] = round(total_ce, 6)
+        record["kd"] = round(total_kd, 6)
+    return record
+
+
+def _chunks(idx: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, idx.numel(), size):
+        yield idx[start : start + size]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    atomic.write_text(path, "".join(ln + "\n" for ln in kept))

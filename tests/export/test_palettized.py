@@ -1,0 +1,263 @@
+"""Tests for edkm.export.palettized: the LUT checkpoint round trip, its layout, atomic writes and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import edkm
+from edkm.config import DKMConfig, LayerOverride
+from edkm.errors import InputError
+from edkm.export.palettized import (
+    META_FILE,
+    TENSORS_FILE,
+    PalettizedLinear,
+    load_palettized,
+    save_palettized,
+)
+from edkm.nn.palettize import finalize, palettize_
+from tests.conftest import make_tiny_llama
+
+IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def _finalized(cfg: DKMConfig, *, train: bool = False, **overrides: Any) -> Any:
+    model = make_tiny_llama(**overrides)
+    palettize_(model, cfg)
+    if train:  # one DKM step, so that the saved LUTs are trained ones
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+    finalize(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def finalized() -> nn.Module:
+    return _finalized(DKMConfig(method="reference", bits=3), train=True)
+
+
+@pytest.fixture(scope="module")
+def saved(finalized, tmp_path_factory) -> Path:
+    return save_palettized(finalized, tmp_path_factory.mktemp("ckpt") / "model")
+
+
+def _palettized_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if getattr(m, "palette", None) is not None]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_round_trip_is_bit_identical(finalized, saved, dense):
+    loaded: Any = load_palettized(saved, dense=dense)
+    assert not loaded.training
+    names = _palettized_names(finalized)
+    assert len(names) == 14
+    for name in names:
+        module = loaded.get_submodule(name)
+        assert isinstance(module, nn.Linear if dense else PalettizedLinear), name
+        assert torch.equal(module.weight, finalized.get_submodule(name).weight.detach()), name
+    ref_state = finalized.state_dict()
+    for key, value in loaded.state_dict().items():
+        if key in ref_state:
+            assert torch.equal(value, ref_state[key]), key
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied embeddings survive
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, finalized(input_ids=IDS).logits)
+
+
+def test_file_layout(finalized, saved):
+    assert sorted(p.name for p in saved.iterdir()) == [TENSORS_FILE, META_FILE]
+    meta = json.loads((saved / META_FILE).read_text())
+    assert meta["format"] == "edkm-palettized" and meta["format_version"] == 1
+    assert DKMConfig.from_dict(meta["dkm_config"]) == DKMConfig(method="reference", bits=3)
+    assert meta["model_class"] == "LlamaForCausalLM"
+    assert meta["model_config"]["num_key_value_heads"] == 2
+    assert meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    with safe_open(str(saved / TENSORS_FILE), "pt") as f:
+        keys = set(f.keys())
+        for name, info in meta["layers"].items():
+            out_f, in_f = info["shape"]
+            assert info["bits"] == 3 and info["weight_dtype"] == "float32"
+            assert f"{name}.weight" not in keys
+            packed = f.get_tensor(f"{name}.packed_indices")
+            assert packed.dtype == torch.uint8
+            assert packed.numel() == -(-out_f * in_f * 3 // 8)  # ceil(N*b/8), no padding
+            assert f.get_tensor(f"{name}.lut").dtype == torch.float16
+        assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+
+
+def test_grouped_luts_and_odd_bits_round_trip(tmp_path):
+    cfg = DKMConfig(method="reference", bits=5, granularity="per_grouped_channel", group_size=16)
+    model = _finalized(cfg)
+    path = save_palettized(model, tmp_path / "g")
+    for dense in (False, True):
+        loaded: Any = load_palettized(path, dense=dense)
+        layer = loaded.get_submodule("model.layers.1.mlp.down_proj")
+        assert torch.equal(layer.weight, model.get_submodule("model.layers.1.mlp.down_proj").weight)
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+    with safe_open(str(path / TENSORS_FILE), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.k_proj.lut").shape == (2, 32)
+
+
+def test_untied_bf16_model_round_trip(tmp_path):
+    model = make_tiny_llama(tie_word_embeddings=False).to(torch.bfloat16)
+    palettize_(
+        model,
+        DKMConfig(
+            method="reference", bits=2, module_name_configs={"lm_head": LayerOverride(bits=4)}
+        ),
+    )
+    finalize(model)
+    path = save_palettized(model, tmp_path / "bf16")
+    loaded: Any = load_palettized(path)
+    assert loaded.lm_head.weight_dtype == torch.bfloat16 and loaded.lm_head.bits == 4
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_resave_of_loaded_models_is_identical(saved, tmp_path):
+    original = load_file(str(saved / TENSORS_FILE))
+    for dense in (False, True):
+        path = save_palettized(load_palettized(saved, dense=dense), tmp_path / f"re{dense}")
+        again = load_file(str(path / TENSORS_FILE))
+        assert again.keys() == original.keys()
+        assert all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_palettized_linear_keeps_fp16_lut_through_dtype_moves():
+    gen = torch.Generator().manual_seed(0)
+    layer = PalettizedLinear(8, 4, bits=2, bias=True)
+    layer.lut.copy_(torch.randn(1, 4, generator=gen).half())
+    layer.packed_indices.copy_(torch.randint(0, 256, (8,), generator=gen, dtype=torch.uint8))
+    lut = layer.lut.clone()
+    dense32 = layer.weight
+    layer.to(torch.bfloat16)
+    assert layer.lut.dtype == torch.float16 and torch.equal(layer.lut, lut)
+    assert layer.weight_dtype == torch.bfloat16 and layer.bias is not None
+    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.weight, lut.to(torch.bfloat16)[0][_unpacked(layer)])
+    assert layer(torch.ones(1, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    layer.float()
+    assert torch.equal(layer.weight, dense32)
+    assert layer.packed_bytes() == 8 + 8 and layer.dense_fp16_bytes() == 64
+
+
+def _unpacked(layer: PalettizedLinear) -> torch.Tensor:
+    from edkm.nn.bitpack import unpack_indices
+
+    return unpack_indices(layer.packed_indices, 2, 32).view(4, 8).long()
+
+
+def _bits(path: Path) -> int:
+    return int(getattr(load_palettized(path).get_submodule("model.layers.0.mlp.up_proj"), "bits"))  # noqa: B009
+
+
+def test_overwrite_is_atomic_and_complete(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    first = _finalized(DKMConfig(method="reference", bits=2))
+    second = _finalized(DKMConfig(method="reference", bits=4))
+    save_palettized(first, target)
+    save_palettized(second, target)
+    assert _bits(target) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left
+
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match=r"disk full"):
+        save_palettized(first, target)
+    assert _bits(target) == 4  # old one intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_refuses_to_replace_a_foreign_folder(finalized, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"is not a palettized checkpoint; refusing to replace"):
+        save_palettized(finalized, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_save_errors(tmp_path):
+    model = make_tiny_llama()
+    with pytest.raises(InputError, match=r"no palettized layers"):
+        save_palettized(model, tmp_path / "a")
+    palettize_(model, DKMConfig(method="reference", bits=2))
+    with pytest.raises(InputError, match=r"still DKM-wrapped; call edkm.finalize"):
+        save_palettized(model, tmp_path / "a")
+    finalize(model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] += 1.0
+    with pytest.raises(
+        InputError, match=r"layer 'model.layers.0.self_attn.o_proj': its weight changed"
+    ):
+        save_palettized(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    target.mkdir()
+    for file in saved.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
+def test_load_errors_name_the_file(saved, tmp_path):
+    with pytest.raises(InputError, match=r"checkpoint folder '.*nowhere' does not exist"):
+        load_palettized(tmp_path / "nowhere")
+    path = _copy(saved, tmp_path)
+    meta_file = path / META_FILE
+    meta = json.loads(meta_file.read_text())
+
+    meta_file.write_text(json.dumps({**meta, "format_version": 2}))
+    with pytest.raises(InputError, match=rf"'.*{META_FILE}': format version 2 is not supported"):
+        load_palettized(path)
+    meta_file.write_text("{not json")
+    with pytest.raises(InputError, match=rf"'.*{META_FILE}': not valid JSON"):
+        load_palettized(path)
+    meta_file.unlink()
+    with pytest.raises(InputError, match=rf"'.*{META_FILE}' is missing"):
+        load_palettized(path)
+    meta_file.write_text(json.dumps(meta))
+
+    tensors_file = path / TENSORS_FILE
+    data = tensors_file.read_bytes()
+    tensors_file.write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match=rf"'.*{TENSORS_FILE}': truncated or corrupt safetensors"):
+        load_palettized(path)
+    tensors_file.write_bytes(b"\x00" * 16)
+    with pytest.raises(InputError, match=rf"'.*{TENSORS_FILE}': truncated or corrupt"):
+        load_palettized(path)
+    tensors_file.unlink()
+    with pytest.raises(InputError, match=rf"'.*{TENSORS_FILE}' is missing"):
+        load_palettized(path)
+
+    tensors = load_file(str(saved / TENSORS_FILE))
+    key = "model.layers.1.self_attn.v_proj.packed_indices"
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, str(tensors_file))
+    with pytest.raises(
+        InputError,
+        match=rf"'.*{TENSORS_FILE}': layer 'model.layers.1.self_attn.v_proj' has 767 index bytes, expected 768",
+    ):
+        load_palettized(path)
+
+
+def test_public_names_are_exported():
+    assert edkm.save_palettized is save_palettized
+    assert edkm.load_palettized is load_palettized
+    assert edkm.PalettizedLinear is PalettizedLinear
