@@ -12,16 +12,9 @@ import torch
 import edkm
 from edkm.config import LUTTuneConfig, Recipe
 from edkm.errors import InputError
+from edkm.nn.lut_linear import LUTLinear, lut_gather, lut_gather_reference
 from edkm.train.loop import TrainingInterrupted
-from edkm.train.lut_tune import (
-    LUTLinear,
-    bake_luts,
-    lut_gather,
-    lut_gather_reference,
-    lut_train_config,
-    swap_in_luts,
-    tune_luts,
-)
+from edkm.train.lut_tune import bake_luts, lut_train_config, swap_in_luts, tune_luts
 from tests.conftest import make_tiny_llama
 from tests.tiny_run import tiny_model_dir, tiny_recipe, tiny_text
 from tests.train.test_loop import CFG, _blocks
