@@ -6,18 +6,26 @@ backward of a fixed upstream gradient of the layer output (a layer in the middle
 its input takes a gradient too). Every Linear weight goes through per-tensor 3-bit DKM (8
 centroids, 3 k-means iterations) in the forward.
 
+Every DKM row measures the shipped layer, :class:`edkm.nn.dkm_linear.DKMLinear`, built from a
+:class:`edkm.config.DKMConfig` (per-tensor, ``bits=3, iters=3``, relative ``tau=0.05``: the
+defaults) for each Linear, and marshaling goes through :func:`edkm.train.loop.offload_dkm_layers`
+with an :class:`edkm.config.OffloadConfig`, the very function ``edkm compress`` calls when the
+recipe's ``offload`` section is enabled: one :class:`edkm.offload.SavedTensorOffload` attached
+to each DKM layer, the layer's input kept on the device (it is saved in the floor too).
+
 Rows (cumulative, as in the paper's table):
 
 - ``no DKM``: the plain layer, the floor;
-- ``reference DKM``: ``dkm_soft(method="reference")``, the paper's baseline (N x K attention
+- ``reference DKM``: ``DKMConfig(method="reference")``, the paper's baseline (N x K attention
   maps kept for backward);
-- ``+ marshaling``: the same under :class:`edkm.offload.SavedTensorOffload` around each DKM
-  Linear (DKM and its matmul; the Linear's input stays put, as in the floor), storages of 1 MiB
-  and more go to host memory, one copy per storage;
-- ``+ uniquification``: marshaling with ``dkm_soft(method="unique")``;
+- ``+ marshaling``: the same with ``OffloadConfig(enabled=True, min_bytes=--min-bytes)``:
+  everything the DKM layers save (attention maps, k-means intermediates, the soft weight the
+  matmul keeps) of 1 MiB and more goes to host memory, one copy per storage;
+- ``+ uniquification``: marshaling with ``method="unique"``;
 - ``+ sharding``: pending until the sharding issue lands;
 - ``all techniques``: every technique that has landed (today marshaling + uniquification);
-- ``implicit-attention kernel``: ``edkm.kernels.implicit_dkm`` alone, and with marshaling.
+- ``implicit-attention kernel``: ``method="implicit"`` (the FlashAttention-style kernel that
+  never materialises the N x K map) alone, and with marshaling.
 
 Columns: peak device memory (tensor bytes alive at the peak, the layer's weights, input,
 upstream gradient and weight gradients included); memory attributable to DKM (the row's peak
@@ -29,9 +37,12 @@ How the numbers are obtained (``--mode``):
 - ``fake``: everything is built and run under ``FakeTensorMode`` (shapes only, nothing
   allocated) and measured with PyTorch's ``MemTracker`` (:func:`edkm.memory.tracker.measure_peak`).
   The offload hooks run for real on the fake tensors; their host copies are allocated in the
-  host pool, which the measurement keeps out of the device figure.
+  host pool, which the measurement keeps out of the device figure. FakeTensors have no
+  values, so each layer starts from evenly spaced centroids instead of its k-means++ init, and
+  the uniquified DKM uses its fixed 65,536-row table (shape-static).
 - ``real``: the same with real tensors on the CPU (use a reduced ``--width``); host copies are
-  real, separate CPU storages, again kept out of the device figure.
+  real, separate CPU storages, again kept out of the device figure. With real values the
+  uniquified DKM may pick its compact table (only the patterns present), which needs less.
 - ``cuda``: real tensors on a GPU, ``torch.cuda.max_memory_allocated``.
 
 ``--width W`` scales hidden and MLP sizes by W/4096 (heads keep 128 dims); ``--compare`` runs
@@ -58,7 +69,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,15 +82,16 @@ from benchmarks._common import (
     print_table,
     write_records,
 )
+from edkm.config import ConfigError, DKMConfig, OffloadConfig
 from edkm.memory.tracker import measure_peak
-from edkm.offload import SavedTensorOffload
+from edkm.nn.dkm_linear import DKMLinear
+from edkm.train.loop import offload_dkm_layers
 
 BITS = 3
 ITERS = 3
-STD = 0.02  # LLaMA's init spread; tau = 0.05 * var(w), the DKMConfig default relative tau
-TAU = 0.05 * STD**2
+STD = 0.02  # LLaMA's init spread
 
-# name -> (DKM method or None, marshaling)
+# name -> (DKMConfig.method, or None for the plain layer; marshaling)
 ROWS: list[tuple[str, str | None, bool]] = [
     ("no DKM", None, False),
     ("reference DKM", "reference", False),
@@ -93,52 +104,9 @@ ROWS: list[tuple[str, str | None, bool]] = [
 ]
 
 
-class DKMLinearBench(nn.Module):
-    """A Linear whose weight goes through DKM each forward (optionally under the offload hooks).
-
-    ``edkm.palettize_`` is not used here: its wrap-time checks read the weight's values (finite
-    check, k-means++ init), which FakeTensors do not have. The DKM call is the same.
-    """
-
-    centroids: torch.Tensor
-
-    def __init__(self, linear: nn.Linear, method: str, offload: SavedTensorOffload | None):
-        super().__init__()
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.method = method
-        self.offload = offload
-        w = linear.weight
-        # warm-start centroids: evenly spaced over +-3 std (values do not change the memory)
-        c = torch.linspace(-3 * STD, 3 * STD, 1 << BITS, device=w.device, dtype=torch.float32)
-        self.register_buffer("centroids", c.view(1, -1))
-
-    def soft_weight(self) -> torch.Tensor:
-        if self.method == "implicit":
-            from edkm.kernels import implicit_dkm
-
-            soft, _ = implicit_dkm(self.weight, self.centroids, tau=TAU, iters=ITERS)
-        elif self.method == "unique":
-            from edkm.dkm.unique import unique_dkm
-
-            # the fixed 65,536-row table: the shape-static form that FakeTensors can measure.
-            # (dkm_soft may pick a compact table for real weights, which only needs less.)
-            tau = torch.full((1,), TAU, device=self.weight.device)
-            soft, _ = unique_dkm(self.weight, self.centroids, tau=tau, iters=ITERS, compact=False)
-        else:
-            from edkm.dkm.soft import dkm_soft
-
-            soft, _ = dkm_soft(
-                self.weight, self.centroids, tau=TAU, iters=ITERS, method=self.method
-            )
-        return soft
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.offload is None:
-            return F.linear(x, self.soft_weight(), self.bias)
-        self.offload.add_keep(x)  # the input is saved in the floor too: leave it
-        with self.offload:
-            return F.linear(x, self.soft_weight(), self.bias)
+def dkm_config(method: str) -> DKMConfig:
+    """The DKM settings of every Linear in a row (the defaults but bits, iters and method)."""
+    return DKMConfig(bits=BITS, iters=ITERS, method=method)  # type: ignore[arg-type]
 
 
 def build_layer(width: int, mlp: int, device: str) -> tuple[nn.Module, Any, Any]:
@@ -169,12 +137,23 @@ def build_layer(width: int, mlp: int, device: str) -> tuple[nn.Module, Any, Any]
     return layer, config, rotary
 
 
-def wrap_dkm(layer: nn.Module, method: str, offload: SavedTensorOffload | None) -> int:
+def wrap_dkm(layer: nn.Module, config: DKMConfig, *, fake: bool) -> int:
+    """Swap every Linear of ``layer`` for the shipped ``DKMLinear``; returns the weights wrapped.
+
+    (``edkm.palettize_`` asks a model adapter for the Linear layers of a whole model; here the
+    model is one decoder layer, all of whose Linear layers are targets.)
+    """
+    spec = config.global_spec()
     params = 0
-    for parent in list(layer.modules()):
+    for parent_name, parent in list(layer.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, DKMLinearBench(child, method, offload))
+                start = None
+                if fake:  # no values to initialise from: evenly spaced over +-3 std
+                    c = torch.linspace(-3 * STD, 3 * STD, spec.num_centroids)
+                    start = c.to(child.weight.device).view(1, -1)
+                full = f"{parent_name}.{name}" if parent_name else name
+                setattr(parent, name, DKMLinear(child, spec, full, centroids=start))
                 params += child.weight.numel()
     return params
 
@@ -193,10 +172,22 @@ def run_row(
     device = "cuda" if mode == "cuda" else "cpu"
     rec: Record = {"row": label, "method": method, "marshaling": marshal, "mode": mode}
     rec.update(width=width, mlp=mlp, heads=width // 128, seq=seq, bits=BITS, iters=ITERS)
+    offload_cfg = OffloadConfig(enabled=marshal, min_bytes=min_bytes)
     rec["offload_min_bytes"] = min_bytes if marshal else None
     if method == "pending":
         rec["status"] = "pending: sharding has not landed"
         return rec
+    config = None
+    if method is not None:
+        try:
+            config = dkm_config(method)
+        except ConfigError as err:
+            rec["status"] = f"not selectable in the shipped layer: {err}"
+            return rec
+        rec["layer"] = f"{DKMLinear.__module__}.{DKMLinear.__qualname__}"
+        rec["dkm_config"] = config.to_dict()
+    if marshal:
+        rec["offload_config"] = offload_cfg.to_dict()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     ctx = FakeTensorMode() if mode == "fake" else contextlib.nullcontext()
@@ -204,14 +195,13 @@ def run_row(
     with ctx:
         torch.manual_seed(0)
         layer, _config, rotary = build_layer(width, mlp, device)
-        offload = SavedTensorOffload(min_bytes=min_bytes) if marshal else None
         with torch.no_grad():
             for p in layer.parameters():
                 if p.dim() == 2:
                     p.normal_(0.0, STD)
         rec["linear_params"] = (
-            wrap_dkm(layer, method, offload)
-            if method
+            wrap_dkm(layer, config, fake=mode == "fake")
+            if config is not None
             else sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
         )
         x = torch.randn(1, seq, width, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -224,7 +214,9 @@ def run_row(
             out = out[0] if isinstance(out, tuple) else out
             torch.autograd.backward(out, g)
 
-        rep = measure_peak(step, device=device, existing=[layer, x, g, cos, sin])
+        # the trainer's own hook-up (a no-op when the row has no marshaling)
+        with offload_dkm_layers(layer, offload_cfg) as offload:
+            rep = measure_peak(step, device=device, existing=[layer, x, g, cos, sin])
     rec["seconds"] = round(time.perf_counter() - start, 2)
     rec["measurement"] = rep.method
     rec["peak_bytes"] = rep.peak_bytes
@@ -305,25 +297,31 @@ def markdown(records: list[Record], title: str, command: str) -> str:
 
 
 SUMMARY_NOTES = """\
-How each number is obtained. Peak device memory: tensor bytes alive at the peak of one forward
-plus backward, the layer's weights, input, upstream gradient and weight gradients included.
-"fake": run under FakeTensorMode (nothing allocated) and measured with PyTorch's MemTracker;
-"real": the same with real CPU tensors. The offload hooks' host copies are allocated in a
-separate host pool that the measurement keeps out of the device figure (host and device are
+How each number is obtained. Every DKM row runs the shipped layer,
+``edkm.nn.dkm_linear.DKMLinear`` (built from a ``DKMConfig``), and marshaling is switched on
+through ``OffloadConfig`` and ``edkm.train.loop.offload_dkm_layers``, the code ``edkm compress``
+runs with an ``offload`` recipe section. Peak device memory: tensor bytes alive at the peak of
+one forward plus backward, the layer's weights, input, upstream gradient and weight gradients
+included. "fake": run under FakeTensorMode (nothing allocated) and measured with PyTorch's
+MemTracker; "real": the same with real CPU tensors. The offload hooks' host copies are allocated
+in a separate host pool that the measurement keeps out of the device figure (host and device are
 both the CPU here); "moved to host" is the hooks' own count of bytes copied to the host. DKM
 memory = the row's peak minus the no-DKM floor's; reduction = reference DKM's DKM memory / the
-row's. The reference DKM (54 GiB) only runs fake at full size; the reduced-width comparison
-shows fake and real agreeing on every row, and the rows also run with real tensors at full size
-give the same figures as their fake runs (``edkm.dkm.unique`` keeps its real block size of 2^18
-weights under FakeTensors, so its scratch buffers are measured as they are allocated).
+row's. The reference DKM (54 GiB) only runs fake at full size. At reduced width, fake and real
+agree exactly on every row whose memory does not depend on the weights' values; the uniquified
+rows need less with real weights, because the layer then picks the compact table (only the bit
+patterns present: 4,666 and 5,030 of 65,536 in N(0, 0.02) bf16 weights of 4096 x 4096 and 11008
+x 4096) where a FakeTensor, having no values, gets the fixed 65,536-row table: the fake
+uniquified figures are an upper bound. (Full-size real rows are not run: this CPU emulates bf16
+matmuls, 272 s for one 2048 x 4096 x 4096 product.)
 """
 
 
-def summary() -> str:
+def summary(folder: Path = RESULTS) -> str:
     """``ablation.md``: the full-size table (fake, plus real rows where run) and the check."""
 
     def load(name: str) -> list[Record]:
-        path = RESULTS / f"{name}.json"
+        path = folder / f"{name}.json"
         return json.loads(path.read_text()) if path.exists() else []
 
     fake, real, cmp = load("ablation_fake"), load("ablation_real_full"), load("ablation_compare")
@@ -382,10 +380,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--summary", action="store_true", help="only write ablation.md from the saved results"
     )
+    ap.add_argument(
+        "--out-dir", type=Path, default=RESULTS, help="folder of the results (JSON and .md)"
+    )
     args = ap.parse_args(argv)
     if args.summary:
-        text = summary()
-        (RESULTS / "ablation.md").write_text(text)
+        text = summary(args.out_dir)
+        (args.out_dir / "ablation.md").write_text(text)
         print(text)
         return
     torch.set_num_threads(args.threads)
@@ -465,9 +466,9 @@ def main(argv: list[str] | None = None) -> None:
         ]
         tables.append("### fake vs real\n\n" + "\n".join(lines))
     name = args.name or ("ablation_compare" if args.compare else f"ablation_{args.mode}")
-    write_records(name, all_records)
-    (RESULTS / f"{name}.md").write_text("\n\n".join(tables) + "\n")
-    print(f"wrote {RESULTS / name}.json and .md")
+    write_records(name, all_records, out=args.out_dir / f"{name}.json")
+    (args.out_dir / f"{name}.md").write_text("\n\n".join(tables) + "\n")
+    print(f"wrote {args.out_dir / name}.json and .md")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ here a stand-in that keeps nothing of it) and released before backward runs:
   the backward copies the upstream gradient (the least any weight transform must move);
 - ``reference``: the paper's DKM (``dkm_soft(method="reference")``), N x K attention kept for
   backward;
-- ``unique``: uniquified DKM (``dkm_soft(method="unique")``);
+- ``unique``: uniquified DKM on PyTorch ops (``dkm_soft(method="unique", backend="torch")``: its
+  four per-weight passes are the ``edkm::`` custom ops of ``edkm.kernels.unique``);
 - ``coremltools``: coremltools' ``DKMPalettizer`` (its ``FakePalettize`` on the same weight),
   when coremltools is importable.
 
@@ -101,12 +102,16 @@ def _forward_backward(forward: Callable[[], torch.Tensor], g: torch.Tensor) -> N
 
 
 def dkm_step(method: str, w: torch.Tensor, c: torch.Tensor, g: torch.Tensor, tau: float) -> Step:
+    """One forward+backward of ``dkm_soft`` with ``method`` on the torch backend (a CPU run)."""
     from edkm.dkm.soft import dkm_soft
 
     w.requires_grad_(True)
 
+    def soft() -> torch.Tensor:
+        return dkm_soft(w, c, tau=tau, iters=ITERS, method=method, backend="torch")[0]
+
     def step() -> None:
-        _forward_backward(lambda: dkm_soft(w, c, tau=tau, iters=ITERS, method=method)[0], g)
+        _forward_backward(soft, g)
         w.grad = None
 
     return step

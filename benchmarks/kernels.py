@@ -1,21 +1,26 @@
 """Benchmark of the DKM kernels (issue 5): bandwidth of the per-weight kernels, time and peak
 memory of a full DKM forward+backward against reference DKM, all measured in one run.
 
+Every row is ``edkm.dkm.soft.dkm_soft`` with its two words: ``method`` (the algorithm:
+``reference``, ``unique``, ``implicit``) and ``backend`` (the kernels: ``torch`` or ``triton``).
+
 On a GPU:
-- GB/s of the gather ``T[b]`` and of the fused backward ``g*D[b] + H[b]`` (and of the scatter-add
-  and histogram passes), each beside a device-to-device copy of the same number of bytes (the
-  bandwidth floor);
+- GB/s of the per-weight custom ops on the Triton backend (``edkm.kernels.unique``): the gather
+  ``T[b]`` and the fused backward ``g*D[b] + H[b]`` (and the scatter-add and histogram passes),
+  each beside a device-to-device copy of the same number of bytes (the bandwidth floor);
 - time and peak memory (``torch.cuda.max_memory_allocated``) of DKM forward+backward at
-  11008 x 4096, 3 bits: reference DKM, the uniquified Triton path, the implicit Triton path.
-On CPU: the torch paths (reference DKM, the uniquified torch engine, ``edkm.dkm.soft``'s unique method
-when present, the chunked implicit engine) at a size that fits, peak memory from
-``MemTracker``; the Triton rows are reported as needing a GPU.
+  11008 x 4096, 3 bits: reference DKM, uniquified DKM on torch ops and on the Triton kernels,
+  implicit-attention DKM on the Triton kernels.
+On CPU: the torch rows (reference DKM, uniquified DKM and the chunked implicit-attention DKM on
+torch ops) at a size that fits, peak memory from ``MemTracker``; the Triton rows are reported as
+needing a GPU.
 
 Writes ``benchmarks/results/kernels_cpu.json`` or ``kernels_<gpu-name>.json`` and prints a table.
 
 Example:
     python benchmarks/kernels.py                 # CPU: 1024 x 1024 bf16, 3 bits, 3 iterations
     python benchmarks/kernels.py --rows 11008 --cols 4096 --reps 5   # GPU default shape
+    python benchmarks/kernels.py --rows 256 --cols 256 --out /tmp/kernels.json   # a quick check
 """
 
 from __future__ import annotations
@@ -99,28 +104,22 @@ def _inputs(
     return w.to(device), c.to(device), tau
 
 
-def dkm_methods(
-    device: torch.device,
-) -> dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]]:
-    """Name -> DKM function (weight, centroids, tau=, iters=) for this device."""
-    from edkm.kernels import implicit_dkm, unique_dkm
-    from edkm.kernels.implicit import dkm_reference
+DKMFunction = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-    methods: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-        "reference": dkm_reference
-    }
-    if importlib.util.find_spec("edkm.dkm.soft") is not None:
-        from edkm.dkm.soft import dkm_soft
 
-        methods["edkm.dkm.soft unique"] = lambda w, c, **k: dkm_soft(w, c, method="unique", **k)
+def dkm_methods(device: torch.device) -> dict[str, DKMFunction]:
+    """Row name -> DKM function (weight, centroids, tau=, iters=) for this device."""
+    from edkm.dkm.soft import dkm_soft
+
+    def row(method: str, backend: str) -> DKMFunction:
+        return lambda w, c, **k: dkm_soft(w, c, method=method, backend=backend, **k)
+
+    methods = {"reference": row("reference", "torch"), "unique, torch ops": row("unique", "torch")}
     if device.type == "cuda":
-        methods["triton unique"] = lambda w, c, **k: unique_dkm(w, c, backend="triton", **k)
-        methods["triton implicit"] = lambda w, c, **k: implicit_dkm(w, c, backend="triton", **k)
+        methods["unique, triton kernels"] = row("unique", "triton")
+        methods["implicit, triton kernels"] = row("implicit", "triton")
     else:
-        methods["torch unique"] = lambda w, c, **k: unique_dkm(w, c, backend="torch", **k)
-        methods["torch implicit (chunked)"] = lambda w, c, **k: implicit_dkm(
-            w, c, backend="torch", **k
-        )
+        methods["implicit, torch ops (chunked)"] = row("implicit", "torch")
     return methods
 
 
@@ -160,7 +159,7 @@ def bench_dkm(args: argparse.Namespace, device: torch.device) -> list[Record]:
 
 
 def bench_bandwidth(args: argparse.Namespace, device: torch.device) -> list[Record]:
-    """GB/s of the per-weight Triton kernels beside a device copy of the same bytes (GPU)."""
+    """GB/s of the per-weight ops on the Triton backend beside a device copy of the same bytes."""
     from edkm.kernels import bit_histogram, gather_table, scatter_bins, unique_grad
 
     w, _, _ = _inputs(args.rows, args.cols, args.bits, device)
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[Record]:
     print(f"device: {meta['device']}, torch {meta['torch']}")
     print_table(records)
     if not gpu:
-        print("\ntriton unique / triton implicit rows and kernel GB/s need a GPU (not measured).")
+        print("\nthe Triton rows (unique / implicit) and kernel GB/s need a GPU (not measured).")
     slug = "cpu" if not gpu else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
     out = args.out or RESULTS / f"kernels_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

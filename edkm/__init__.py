@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "finalize": "edkm.nn.palettize",
     "save_palettized": "edkm.export.palettized",
     "load_palettized": "edkm.export.palettized",
-    "PalettizedLinear": "edkm.export.palettized",
+    "PalettizedLinear": "edkm.nn.palettized_linear",
     "perplexity": "edkm.eval.perplexity",
     "TrainConfig": "edkm.config.train",
     "compress": "edkm.compress",
@@ -49,8 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from edkm.config import DKMConfig, TrainConfig
     from edkm.dkm.soft import dkm_soft
     from edkm.eval.perplexity import perplexity
-    from edkm.export.palettized import PalettizedLinear, load_palettized, save_palettized
+    from edkm.export.palettized import load_palettized, save_palettized
     from edkm.nn.palettize import finalize, palettize_
+    from edkm.nn.palettized_linear import PalettizedLinear
 
 
 def __getattr__(name: str) -> Any:

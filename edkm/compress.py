@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -41,12 +40,12 @@ import torch
 from edkm.config import Recipe
 from edkm.errors import InputError
 from edkm.eval.perplexity import PerplexityResult, eval_blocks, perplexity_of_blocks
-from edkm.eval.report import write_report
+from edkm.eval.report import host_memory, write_report
 from edkm.io import atomic
 from edkm.io.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
 from edkm.io.models import load_model
 from edkm.train.distill import make_teacher
-from edkm.train.loop import train, training_device
+from edkm.train.loop import offload_summary, read_log, train, training_device
 from edkm.train.lut_tune import tune_luts
 
 RUN_FILE = "run.json"
@@ -96,7 +95,8 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) 
 
 
 def _peak_memory() -> dict[str, float]:
-    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """``report["memory"]``: host figures (:func:`edkm.eval.report.host_memory`) and CUDA's peak."""
+    peak = host_memory()
     if torch.cuda.is_initialized():
         peak["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
@@ -111,7 +111,8 @@ def _eval(
 
 
 def _load_inputs(recipe: Recipe, tokenizer: Any) -> tuple[TextSplit, torch.Tensor, torch.Tensor]:
-    split = split_documents(load_documents(recipe.data), recipe.eval_fraction)
+    docs = load_documents(recipe.data, text_column=recipe.text_column)
+    split = split_documents(docs, recipe.eval_fraction)
     ids = tokenize(tokenizer, split.train_text)
     if recipe.train.max_train_tokens:
         ids = ids[: recipe.train.max_train_tokens]
@@ -197,6 +198,7 @@ def compress(
         resume=resume,
         show_progress=show_progress,
         teacher=teacher,
+        offload=recipe.offload,
     )
     t_trained = time.perf_counter()
 
@@ -243,6 +245,8 @@ def compress(
             "tokens_seen": state.tokens_seen,
             "train_blocks": int(train_ids.shape[0]),
             "train_time_s": round(state.elapsed_s, 1),
+            # marshaling counters summed over the steps (None when recipe.offload is off)
+            "offload": offload_summary(read_log(out)),
         },
         "lut_tune": None
         if lut_state is None
@@ -269,7 +273,7 @@ def _as_plain(summary: Any) -> Any:
 
 
 def _size_report(model: torch.nn.Module, model_dir: Path) -> dict[str, Any]:
-    from edkm.export.palettized import PalettizedLinear
+    from edkm.nn.palettized_linear import PalettizedLinear
 
     pal_fp16 = pal_packed = other_fp16 = 0
     seen: set[int] = set()

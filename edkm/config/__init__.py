@@ -4,6 +4,7 @@
 - :mod:`edkm.config.dkm`: ``DKMConfig`` (recipe section ``dkm``), ``LayerOverride``, ``LayerSpec``
 - :mod:`edkm.config.train`: ``TrainConfig`` (``train``), ``LUTTuneConfig`` (``lut_tune``)
 - :mod:`edkm.config.eval`: ``EvalConfig`` (``eval``)
+- :mod:`edkm.config.offload`: ``OffloadConfig`` (``offload``: marshaling of saved tensors)
 - :mod:`edkm.config.recipe`: ``Recipe``, a whole ``edkm compress`` run
 
 Example:
@@ -17,6 +18,7 @@ from __future__ import annotations
 from edkm.config.base import ConfigBase, ConfigError
 from edkm.config.dkm import DKMConfig, LayerOverride, LayerSpec
 from edkm.config.eval import EvalConfig
+from edkm.config.offload import OffloadConfig
 from edkm.config.recipe import Recipe
 from edkm.config.train import LUTTuneConfig, TrainConfig
 
@@ -28,6 +30,7 @@ __all__ = [
     "LUTTuneConfig",
     "LayerOverride",
     "LayerSpec",
+    "OffloadConfig",
     "Recipe",
     "TrainConfig",
 ]

@@ -75,6 +75,15 @@ def _mismatch(path: str, tp: Any, value: Any) -> NoReturn:
     )
 
 
+# scalar annotation -> (accepted Python types, conversion)
+_SCALARS: dict[Any, tuple[tuple[type, ...], Any]] = {
+    bool: ((bool,), bool),
+    int: ((int,), int),
+    float: ((int, float), float),
+    str: ((str,), str),
+}
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against annotation ``tp``; return it, converted where lossless.
 
@@ -111,21 +120,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             return None
         _mismatch(path, tp, value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        _mismatch(path, tp, value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        _mismatch(path, tp, value)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        _mismatch(path, tp, value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
+    if tp in _SCALARS:
+        accepted, convert = _SCALARS[tp]
+        # bool is an int subclass: True is never accepted as a number
+        if isinstance(value, accepted) and (tp is bool or not isinstance(value, bool)):
+            return convert(value)
         _mismatch(path, tp, value)
     if tp is Path:
         if isinstance(value, (str, os.PathLike)):
@@ -232,7 +231,7 @@ class ConfigBase:
             >>> DKMConfig.from_dict({"bits": 4, "tua": 0.1})
             Traceback (most recent call last):
             ...
-            edkm.config.base.ConfigError: DKMConfig: unknown key 'tua' (known: bits, granularity, group_size, tau, iters, init, method, seed, module_type_configs, module_name_configs)
+            edkm.config.base.ConfigError: DKMConfig: unknown key 'tua' (known: bits, granularity, group_size, tau, iters, init, method, backend, seed, module_type_configs, module_name_configs)
         """
         return cls._from_dict(data, cls.__name__)
 

@@ -1,11 +1,12 @@
 """The DKM palettization config (``DKMConfig``), built on :mod:`edkm.config.base`.
 
 ``DKMConfig`` says how to palettize: bits, LUT granularity, the DKM temperature and iterations,
-the centroid initialisation, the DKM implementation, and which layers. By default every Linear
-layer inside the decoder blocks is palettized (the model adapter says which those are), never
-the embeddings or the LM head. Overrides follow coremltools' scoping: ``module_type_configs``
-(by class name) and ``module_name_configs`` (by exact name or regular expression) map to a
-``LayerOverride`` whose set fields replace the global ones, or to ``None`` to skip the layer.
+the centroid initialisation, the DKM algorithm (``method``) and kernels (``backend``), and which
+layers. By default every Linear layer inside the decoder blocks is palettized (the model adapter
+says which those are), never the embeddings or the LM head. Overrides follow coremltools'
+scoping: ``module_type_configs`` (by class name) and ``module_name_configs`` (by exact name or
+regular expression) map to a ``LayerOverride`` whose set fields replace the global ones, or to
+``None`` to skip the layer.
 
 **Temperature.** ``tau`` is relative to the weight spread so that one value means the same
 softness in layers of very different scale: for each LUT group (the whole tensor, or one group of
@@ -41,7 +42,8 @@ __all__ = ["ConfigBase", "ConfigError", "DKMConfig", "LayerOverride", "LayerSpec
 
 Granularity = Literal["per_tensor", "per_grouped_channel"]
 InitMethod = Literal["kmeans++", "quantile"]
-DKMMethod = Literal["auto", "reference", "unique", "triton"]
+DKMMethod = Literal["auto", "reference", "unique", "implicit"]
+DKMBackend = Literal["auto", "torch", "triton"]
 
 
 def _check_bits(cfg: ConfigBase, bits: int | None) -> None:
@@ -67,6 +69,36 @@ def _check_group_size(cfg: ConfigBase, group_size: int | None) -> None:
         cfg._fail("group_size", f"must be at least 1, got {group_size}")
 
 
+class _DKMSettings(ConfigBase):
+    """What ``DKMConfig`` and ``LayerOverride`` share: their DKM settings' checks.
+
+    ``method: triton`` (the word before ``backend`` existed) gets a pointed message, before the
+    type check, whose generic "must be one of" would not say what to write.
+    """
+
+    # declared by the dataclasses that inherit this (``None``: unset in a ``LayerOverride``)
+    bits: int | None
+    tau: float | None
+    iters: int | None
+    group_size: int | None
+
+    def __post_init__(self) -> None:
+        if getattr(self, "method", None) == "triton":
+            self._fail(
+                "method",
+                "'triton' is a backend now, not a method: write `backend: triton` (and method "
+                "'auto', 'unique' or 'implicit' for the algorithm)",
+            )
+        super().__post_init__()
+
+    def _check_settings(self) -> None:
+        """The checks of bits, tau, iters and group_size (unset ``None`` values pass)."""
+        _check_bits(self, self.bits)
+        _check_tau(self, self.tau)
+        _check_iters(self, self.iters)
+        _check_group_size(self, self.group_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """The resolved DKM settings of one layer (global config merged with its override)."""
@@ -78,6 +110,7 @@ class LayerSpec:
     iters: int
     init: InitMethod
     method: DKMMethod
+    backend: DKMBackend
     seed: int
 
     @property
@@ -91,7 +124,7 @@ class LayerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerOverride(ConfigBase):
+class LayerOverride(_DKMSettings):
     """Per-layer replacement of some DKM settings; unset (``None``) fields keep the global ones.
 
     Setting ``granularity="per_tensor"`` drops an inherited ``group_size``.
@@ -108,18 +141,16 @@ class LayerOverride(ConfigBase):
     iters: int | None = None
     init: InitMethod | None = None
     method: DKMMethod | None = None
+    backend: DKMBackend | None = None
 
     def validate(self) -> None:
-        _check_bits(self, self.bits)
-        _check_tau(self, self.tau)
-        _check_iters(self, self.iters)
-        _check_group_size(self, self.group_size)
+        self._check_settings()
         if self.granularity == "per_tensor" and self.group_size is not None:
             self._fail("group_size", "must be unset with granularity='per_tensor'")
 
 
 @dataclasses.dataclass(frozen=True)
-class DKMConfig(ConfigBase):
+class DKMConfig(_DKMSettings):
     """How to palettize: bits, LUT granularity, DKM temperature/iterations, and which layers.
 
     Fields:
@@ -131,7 +162,10 @@ class DKMConfig(ConfigBase):
             (see the module docstring). Trainers anneal it with ``set_tau_scale``.
         iters: k-means iterations per forward (backward flows through all of them).
         init: first centroids: ``"kmeans++"`` or ``"quantile"``.
-        method: DKM implementation: ``"auto"``, ``"reference"``, ``"unique"``, ``"triton"``.
+        method: the DKM algorithm (``edkm.dkm.soft``): ``"auto"``, ``"reference"``,
+            ``"unique"`` (uniquified) or ``"implicit"`` (implicit attention).
+        backend: the kernels of ``"unique"`` / ``"implicit"``: ``"auto"`` (Triton for CUDA
+            tensors when triton is installed, else PyTorch ops), ``"torch"`` or ``"triton"``.
         seed: seed of the centroid initialisation.
         module_type_configs: class name -> override (or ``None`` to skip). Applies to default
             targets of that class, or inside a module of that class (e.g. ``"LlamaMLP"``).
@@ -153,15 +187,13 @@ class DKMConfig(ConfigBase):
     iters: int = 3
     init: InitMethod = "kmeans++"
     method: DKMMethod = "auto"
+    backend: DKMBackend = "auto"
     seed: int = 0
     module_type_configs: dict[str, LayerOverride | None] = dataclasses.field(default_factory=dict)
     module_name_configs: dict[str, LayerOverride | None] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
-        _check_bits(self, self.bits)
-        _check_tau(self, self.tau)
-        _check_iters(self, self.iters)
-        _check_group_size(self, self.group_size)
+        self._check_settings()
         if self.granularity == "per_grouped_channel" and self.group_size is None:
             self._fail("group_size", "is required with granularity='per_grouped_channel'")
         if self.granularity == "per_tensor" and self.group_size is not None:
@@ -194,6 +226,7 @@ class DKMConfig(ConfigBase):
             iters=self.iters,
             init=self.init,
             method=self.method,
+            backend=self.backend,
             seed=self.seed,
         )
 
@@ -218,6 +251,7 @@ class DKMConfig(ConfigBase):
             iters=base.iters if override.iters is None else override.iters,
             init=override.init or base.init,
             method=override.method or base.method,
+            backend=override.backend or base.backend,
             seed=base.seed,
         )
 

@@ -12,6 +12,7 @@ import dataclasses
 from edkm.config.base import ConfigBase
 from edkm.config.dkm import DKMConfig
 from edkm.config.eval import EvalConfig
+from edkm.config.offload import OffloadConfig
 from edkm.config.train import LUTTuneConfig, TrainConfig
 
 __all__ = ["Recipe"]
@@ -22,22 +23,28 @@ class Recipe(ConfigBase):
     """A whole ``edkm compress`` run, as written in ``recipes/*.yaml``.
 
     Fields:
-        model: a local Hugging Face folder or ``"default"``; data: a local text file/folder or
-        ``"default"``; eval_fraction: share of documents held out for evaluation; dkm, train,
-        lut_tune, eval: the configs of each concern.
+        model: a local Hugging Face folder or ``"default"``; data: a local text or data file, a
+        folder, a saved dataset or ``"default"`` (:mod:`edkm.io.data`); text_column: the column
+        (or ``.jsonl`` field) holding the text of data read through ``datasets``; eval_fraction: share of documents held out for evaluation; dkm, train,
+        lut_tune, eval, offload: the configs of each concern (``offload``: marshaling of the
+        DKM layers' saved tensors to host memory during training, off by default).
     """
 
     model: str = "default"
     data: str = "default"
+    text_column: str = "text"
     eval_fraction: float = 0.2
     dkm: DKMConfig = dataclasses.field(default_factory=DKMConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     lut_tune: LUTTuneConfig = dataclasses.field(default_factory=LUTTuneConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
 
     def validate(self) -> None:
         if not 0 < self.eval_fraction < 1:
             self._fail("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        if not self.text_column:
+            self._fail("text_column", "must be a column name, got an empty string")
 
     def with_overrides(self, **changes: object) -> Recipe:
         """A copy with dotted keys replaced, e.g. ``{"dkm.bits": 4, "train.steps": 10}``.

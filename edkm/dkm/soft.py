@@ -1,13 +1,13 @@
 """DKM: differentiable soft k-means of a weight onto a 2^b-entry lookup table.
 
-``dkm_soft`` is the functional core that every wrapper calls. Notation per LUT group (the
-whole tensor, or ``group_size`` consecutive output channels): weights ``w_i``, centroids
-``c_j`` (K = 2**bits), absolute temperature ``tau``. Starting from ``c_0 = centroids`` (the
-caller's warm start)::
+``dkm_soft`` is the functional core that every layer calls, and ``dkm_reference`` the one
+reference DKM that every fast path is tested against. Notation per LUT group (the whole tensor,
+or ``group_size`` consecutive output channels): weights ``w_i``, centroids ``c_j`` (K = 2**bits),
+absolute temperature ``tau``. Starting from ``c_0 = centroids`` (the caller's warm start)::
 
     A_t,ij  = softmax_j(-(w_i - c_t,j)^2 / tau)                          t = 0 .. iters-1
     c_t+1,j = sum_i A_t,ij w_i / sum_i A_t,ij      (an empty cluster, sum_i A_t,ij <= 2^-63
-                                                    (edkm.dkm.unique.MIN_MASS), keeps its
+                                                    (edkm.kernels._common.MIN_MASS), keeps its
                                                     centroid, in every method)
     soft_i  = sum_j softmax_j(-(w_i - c_T,j)^2 / tau) c_T,j
 
@@ -15,7 +15,8 @@ and returns ``(soft weight in the weight's dtype and shape, c_T as (G, K) fp32)`
 flows through all iterations, to the weight and to the initial centroids when they require
 grad. Arithmetic is fp32.
 
-Methods:
+Two orthogonal words pick the implementation. ``method``, the algorithm:
+
 - ``"reference"``: the paper's DKM in plain autograd. It materializes the N x K attention per
   iteration and keeps it for backward: the memory-hungry baseline every fast path is held to.
 - ``"unique"``: uniquified DKM (:mod:`edkm.dkm.unique`), exact: sums over the at most 65,536 bit
@@ -24,8 +25,17 @@ Methods:
   representable in that dtype the result equals the reference; for other fp32 weights it equals
   the reference applied to the rounded weight, and the gradient flows straight through the
   rounding (d rounded / d w = 1).
-- ``"triton"``: the Triton kernels of :mod:`edkm.kernels` (uniquified or implicit attention).
-- ``"auto"``: ``"triton"`` for CUDA tensors when triton is installed, else ``"unique"``.
+- ``"implicit"``: implicit-attention DKM (:mod:`edkm.kernels.implicit`): the reference's math
+  on the weights themselves (any dtype, no rounding), never materialising N x K; the ablation's
+  baseline kernel.
+- ``"auto"``: ``"implicit"`` when the kernels are Triton's and the weight is not 16-bit or its
+  groups hold fewer than 65,536 weights each (the implicit pass over the weights then costs less
+  than the table); ``"unique"`` otherwise, so always ``"unique"`` with torch kernels (CPU).
+
+``backend``, the kernels of ``"unique"`` and ``"implicit"`` (``"reference"`` ignores it):
+``"torch"`` (PyTorch ops), ``"triton"`` (Triton kernels: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors when triton is installed, else
+torch).
 
 Example:
     >>> import torch
@@ -39,12 +49,15 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import torch
 
-METHODS = ("reference", "unique", "triton", "auto")
+from edkm.dkm.unique import centroid_update, is_symbolic, soft_assign, unique_dkm
+from edkm.kernels._common import BACKENDS, BINS, SIXTEEN_BIT, resolve_backend
+from edkm.kernels.implicit import implicit_dkm
+
+__all__ = ["BACKENDS", "METHODS", "choose_method", "dkm_reference", "dkm_soft"]
+
+METHODS = ("auto", "reference", "unique", "implicit")
 
 
 def _validate(
@@ -81,26 +94,54 @@ def _validate(
         tau_t = tau_t.expand(groups)
     if tau_t.shape != (groups,):
         raise ValueError(f"tau must be a number or a ({groups},) tensor, got {tuple(tau_t.shape)}")
-    from edkm.dkm.unique import is_symbolic
-
     if not is_symbolic(tau_t) and not bool((tau_t > 0).all() & torch.isfinite(tau_t).all()):
         raise ValueError(f"tau must be finite and > 0, got {tau_t.tolist()}")
     return groups, tau_t.contiguous()
 
 
+def _check_finite(weight: torch.Tensor) -> None:
+    if not is_symbolic(weight) and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight has non-finite values (NaN/inf); DKM cannot cluster them")
+
+
+def choose_method(
+    weight: torch.Tensor, groups: int, method: str = "auto", backend: str = "torch"
+) -> str:
+    """The algorithm ``method`` means for ``weight`` in ``groups`` LUT groups, given the
+    resolved ``backend`` ("torch" or "triton"): ``"reference"``, ``"unique"`` or ``"implicit"``.
+
+    Example:
+        >>> big = torch.zeros(4096, 4096, dtype=torch.bfloat16)
+        >>> choose_method(big, 1, backend="triton"), choose_method(big[:8], 1, backend="triton")
+        ('unique', 'implicit')
+        >>> choose_method(big[:8], 1, backend="torch")
+        'unique'
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method != "auto":
+        return method
+    if backend == "triton" and (weight.dtype not in SIXTEEN_BIT or weight.numel() // groups < BINS):
+        return "implicit"
+    return "unique"
+
+
 def dkm_reference(
     weight: torch.Tensor,
     centroids: torch.Tensor,
-    tau: torch.Tensor,
+    tau: float | torch.Tensor,
     iters: int,
     groups: int = 1,
     *,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's DKM in plain autograd: materializes the N x K attention per iteration.
 
-    ``tau`` is a (G,) tensor; inputs are assumed validated (``dkm_soft`` does it).
-    ``compute_dtype`` is fp32 as the contract says; tests pass fp64 for an oracle.
+    The one reference DKM: ``dkm_soft(method="reference")`` runs it, and the tests hold every
+    fast path (uniquified, implicit attention, torch or Triton) to it. ``tau`` is a number or a
+    (G,) tensor; inputs are assumed validated (``dkm_soft`` does it). ``compute_dtype`` defaults
+    to fp64 for fp64 weights (the tests' oracle) and fp32 otherwise, as the contract says.
+    Returns (soft weight in the weight's dtype, c_T (G, K) in fp32, or fp64 when computed so).
 
     Example:
         >>> w = torch.tensor([0.0, 1.0, 3.0])
@@ -108,20 +149,16 @@ def dkm_reference(
         >>> c.shape
         torch.Size([1, 2])
     """
-    from edkm.dkm.unique import centroid_update, soft_assign
-
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.to(compute_dtype).reshape(groups, -1)
-    t = tau.to(compute_dtype)
+    t = torch.as_tensor(tau, dtype=compute_dtype, device=weight.device).detach().expand(groups)
     c = centroids.to(compute_dtype)
     for _ in range(iters):
         c = centroid_update(soft_assign(w, c, t), w, c)
     soft = (soft_assign(w, c, t) * c.unsqueeze(1)).sum(-1)
     c_out = c if compute_dtype == torch.float64 else c.float()
     return soft.reshape(weight.shape).to(weight.dtype), c_out
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def dkm_soft(
@@ -131,6 +168,7 @@ def dkm_soft(
     tau: float | torch.Tensor,
     iters: int,
     method: str = "reference",
+    backend: str = "auto",
     group_size: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +179,8 @@ def dkm_soft(
         centroids: (G, K) with K = 2**bits; G = 1, or out_features // group_size.
         tau: absolute temperature, a number or one per group (G,).
         iters: k-means iterations (>= 0).
-        method: "reference", "unique", "triton" or "auto".
+        method: the algorithm: "auto", "reference", "unique" or "implicit".
+        backend: the kernels: "auto", "torch" or "triton" (ignored by "reference").
         group_size: output channels per LUT group (None: one LUT for the tensor).
         out_dtype: dtype of the soft weight (default: the weight's). Under bf16 autocast a
             bf16 soft weight equals the fp32 one cast by autocast, without the extra pass.
@@ -150,8 +189,9 @@ def dkm_soft(
         (soft weight, same shape as ``weight`` in ``out_dtype``; new centroids (G, K) fp32).
 
     Raises:
-        ValueError: bad shapes, bits outside 1..8, tau <= 0, iters < 0, non-finite weights.
-        NotImplementedError: ``method="triton"`` without ``edkm.kernels.dkm_soft_triton``.
+        ValueError: bad shapes, bits outside 1..8, tau <= 0, iters < 0, non-finite weights, an
+            unknown method or backend, ``backend="triton"`` on CPU tensors without
+            ``TRITON_INTERPRET=1``, fp64 weights on the Triton kernels.
 
     With ``method="unique"`` the clustering sees the weight rounded to its 16-bit pattern
     (bf16; fp16 for fp16 weights): for weights already representable there the result equals
@@ -166,28 +206,34 @@ def dkm_soft(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     groups, tau_t = _validate(weight, centroids, tau, iters, group_size)
-    if method == "auto":
-        method = "triton" if weight.is_cuda and _triton_available() else "unique"
-    if method == "reference":
-        from edkm.dkm.unique import is_symbolic
-
-        if not is_symbolic(weight) and not bool(torch.isfinite(weight).all()):
-            raise ValueError("weight has non-finite values (NaN/inf); DKM cannot cluster them")
-        soft, c = dkm_reference(weight, centroids, tau_t, iters, groups)
-        return soft if out_dtype is None else soft.to(out_dtype), c
+    resolved = "torch" if method == "reference" else resolve_backend(backend, weight)
+    method = choose_method(weight, groups, method, resolved)
     if method == "unique":
-        from edkm.dkm.unique import unique_dkm
-
         return unique_dkm(
-            weight, centroids, tau=tau_t, iters=iters, groups=groups, out_dtype=out_dtype
+            weight,
+            centroids,
+            tau=tau_t,
+            iters=iters,
+            groups=groups,
+            out_dtype=out_dtype,
+            backend=resolved,
         )
-    kernels = importlib.import_module("edkm.kernels")  # lazily: it may import triton
-    fn = getattr(kernels, "dkm_soft_triton", None)
-    if fn is None:
-        raise NotImplementedError(
-            "method='triton' needs edkm.kernels.dkm_soft_triton, which this install lacks; "
-            "use method='unique' or 'reference'"
+    _check_finite(weight)
+    if method == "reference":
+        soft, c = dkm_reference(
+            weight, centroids, tau_t, iters, groups, compute_dtype=torch.float32
         )
-    soft, c = fn(weight, centroids, tau=tau_t, iters=iters, group_size=group_size)
+    else:  # implicit: (G, n) rows, one LUT group per row
+        soft, c = implicit_dkm(
+            weight.reshape(groups, -1),
+            centroids,
+            tau=tau_t,
+            iters=iters,
+            group_size=1,
+            backend=resolved,
+        )
+        soft, c = soft.view(weight.shape), c.float()
     return soft if out_dtype is None else soft.to(out_dtype), c

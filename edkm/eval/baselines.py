@@ -14,6 +14,9 @@
 
 Both modify the model in place (selected Linear weights only, chosen by ``DKMConfig`` exactly as
 ``palettize_`` chooses them) and return a ``BaselineSummary`` with the relative weight error.
+They write dense weights into the model's own Linear layers (they are measured, then undone, not
+exported), so they build no finalized layers; k-means decodes its LUT with the same
+``edkm.nn.palette.lut_lookup`` as every finalized layer.
 
 Example:
     >>> import copy
@@ -31,7 +34,8 @@ from torch import nn
 
 from edkm.config import DKMConfig
 from edkm.errors import InputError, check_bits
-from edkm.nn.palettize import lut_lookup, select_layers
+from edkm.nn.palette import lut_lookup
+from edkm.nn.palettize import select_layers
 
 __all__ = ["BaselineSummary", "kmeans_", "kmeans_lut", "rtn_", "rtn_weight"]
 

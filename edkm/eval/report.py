@@ -1,6 +1,17 @@
-"""``report.json`` and ``report.md`` of an ``edkm compress`` run.
+"""``report.json`` and ``report.md`` of an ``edkm compress`` run, and the host-memory figures
+they hold (:func:`host_memory`).
+
+``report["memory"]`` (MiB): ``peak_rss_mib``, the process's peak resident set, from
+``resource.getrusage`` (psutil has no peak figure on Linux or macOS; on Windows, which has no
+``resource``, psutil's ``peak_wset``); ``rss_mib``, the resident set when the report is
+written; ``host_total_mib`` and ``host_available_mib``, the machine's memory and what is
+available then (all three from psutil); with CUDA, ``peak_cuda_allocated_mib`` (torch's
+``max_memory_allocated``, added by :mod:`edkm.compress`). ``report.md`` prints them as a table.
 
 Example:
+    >>> mem = host_memory()
+    >>> 0 < mem["rss_mib"] <= mem["peak_rss_mib"] and mem["host_available_mib"] <= mem["host_total_mib"]
+    True
     >>> print(render_markdown(report))  # doctest: +SKIP
 """
 
@@ -8,8 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from edkm.io import atomic
 
@@ -47,6 +61,55 @@ def _lut_note(report: dict[str, Any]) -> str:
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+_MEMORY_LABELS = {
+    "peak_rss_mib": "process peak resident set (getrusage)",
+    "rss_mib": "process resident set at the end (psutil)",
+    "host_total_mib": "host memory, total (psutil)",
+    "host_available_mib": "host memory, available at the end (psutil)",
+    "peak_cuda_allocated_mib": "CUDA peak allocated (torch)",
+}
+
+
+def _peak_rss_bytes(info: Any) -> int:
+    peak = getattr(info, "peak_wset", None)  # Windows: psutil knows the peak
+    if peak is not None:
+        return int(peak)
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024  # bytes vs KiB
+
+
+def host_memory() -> dict[str, float]:
+    """Host-memory figures of this process and machine in MiB, as ``report.json`` holds them.
+
+    Keys (module docs): ``peak_rss_mib``, ``rss_mib``, ``host_total_mib``,
+    ``host_available_mib``.
+
+    Example:
+        >>> sorted(host_memory())
+        ['host_available_mib', 'host_total_mib', 'peak_rss_mib', 'rss_mib']
+    """
+    info = psutil.Process().memory_info()
+    host = psutil.virtual_memory()
+    rss = int(info.rss)
+    return {
+        # the kernel updates its high-water mark lazily: the RSS read now can be a little above it
+        "peak_rss_mib": round(max(_peak_rss_bytes(info), rss) / 2**20, 1),
+        "rss_mib": round(rss / 2**20, 1),
+        "host_total_mib": round(host.total / 2**20, 1),
+        "host_available_mib": round(host.available / 2**20, 1),
+    }
+
+
+def _memory_rows(memory: dict[str, float]) -> list[str]:
+    rows = ["| memory | MiB |", "|---|---:|"]
+    for key, value in memory.items():
+        label = _MEMORY_LABELS.get(key, key.removesuffix("_mib").replace("_", " "))
+        rows.append(f"| {label} | {value:,.0f} |")
+    return rows
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -90,9 +153,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ". "
         + _lut_note(report)
         + f"Whole run: {report['wall_time_s']:.0f} s on {report['device']} "
-        f"(torch {report['torch']}). Peak memory: "
-        + ", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in mem.items())
-        + ".",
+        f"(torch {report['torch']}).",
+        "",
+        *_memory_rows(mem),
         "",
     ]
     return "\n".join(lines)

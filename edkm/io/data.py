@@ -1,39 +1,67 @@
 """Text for training, calibration and evaluation.
 
-Sources: a user's local ``.txt`` / ``.jsonl`` file (or a folder of them), or the default text:
-the 107 real Wikipedia articles shipped inside the ``gensim`` wheel (its test data), cleaned with
-``gensim.corpora.wikicorpus.filter_wiki``.
+Sources (``DATA`` on the command line; never a hub name, nothing is downloaded):
+
+- ``"default"``: the real Wikipedia articles shipped inside the ``gensim`` wheel (its test
+  data, 107 pages), cleaned with ``gensim.corpora.wikicorpus.filter_wiki``; redirects and stubs
+  are dropped, 106 articles remain;
+- a ``.txt`` file: documents separated by one or more blank lines;
+- a ``.jsonl`` file: one JSON object per line with a string field ``text`` (the text column)
+  and an optional ``"title"``, or a bare JSON string;
+- a ``.parquet``, ``.arrow``, ``.json`` (JSON lines or an array of objects) or ``.csv`` file:
+  one row per document, read with ``datasets.load_dataset(<format>, data_files=...)``;
+- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, read with
+  ``datasets.load_from_disk``: of a ``DatasetDict`` the split ``train`` is used, or its only
+  split; ``PATH:SPLIT`` picks another one (e.g. ``my_data:validation``);
+- any other folder: every file in it (recursively, in sorted path order) of the kinds above; a
+  saved dataset inside it is read as one source.
+
+Rows read through ``datasets`` take their text from the column ``text_column`` (default
+``"text"``; ``--text-column`` on the command line), which must be a string column; a missing or
+non-string column is an ``InputError`` naming the columns there are. A string column ``title``,
+when present, names the document (as in ``.jsonl``). Empty or null texts are skipped.
+
+Why ``datasets``: it brings the Arrow/parquet/csv/json readers (with type inference, nulls and
+sharded files) and the saved-folder format that users already have; data files are converted
+into its Arrow cache under ``<edkm cache>/datasets`` (``$EDKM_CACHE_DIR``, see
+:mod:`edkm.io.paths`), ``HF_DATASETS_OFFLINE=1`` is set first and ``datasets`` is imported only
+when such a source is read. Still hand-written here: the ``.txt`` and ``.jsonl`` readers (their
+document boundaries are edkm's own), the default gensim corpus, and the split below.
 
 Split protocol (deterministic, by document, never by position inside a document): each document
 gets a stable key (its title, else the SHA-256 of its text); ``sha256("edkm-split:" + key)``
 mapped to [0, 1) decides held-out evaluation (below ``eval_fraction``) or training/calibration.
 The decision of a document never depends on the other documents, so adding text to a corpus
-never moves an existing document across the split. Held-out text is never used for training or
-calibration. If a corpus would leave one side empty (a very small corpus), the last document
-(in corpus order) is moved to the empty side.
-
-Document boundaries in files:
-- ``.txt``: documents are separated by one or more blank lines;
-- ``.jsonl``: one JSON object per line with a ``"text"`` field (and an optional ``"title"``),
-  or a bare JSON string.
+never moves an existing document across the split, whatever format it is read from. Held-out
+text is never used for training or calibration. If a corpus would leave one side empty (a very
+small corpus), the last document (in corpus order) is moved to the empty side.
 
 Example:
     >>> from edkm.io.data import load_documents, split_documents
     >>> docs = load_documents("default")  # doctest: +SKIP
     >>> split = split_documents(docs)  # doctest: +SKIP
     >>> len(split.train_docs) + len(split.eval_docs)  # doctest: +SKIP
-    107
+    106
+    >>> import tempfile
+    >>> from datasets import Dataset
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     Dataset.from_dict({"body": ["one doc", "another doc"]}).save_to_disk(folder)
+    ...     docs = load_documents(folder, text_column="body")
+    >>> [d.text for d in docs]
+    ['one doc', 'another doc']
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +69,21 @@ from typing import Any
 import torch
 
 from edkm.errors import InputError
+from edkm.io.paths import cache_dir, existing_path, set_offline_env
 
 DEFAULT_DATA = "default"
+DEFAULT_TEXT_COLUMN = "text"
 DEFAULT_EVAL_FRACTION = 0.2
 _WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _MIN_ARTICLE_CHARS = 200
 DOC_SEPARATOR = "\n\n"
+# file suffix -> the ``datasets`` packaged builder that reads it
+_DATASET_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".csv": "csv"}
+_SUFFIXES = (".txt", ".jsonl", *_DATASET_FORMATS)
+_EXPECTED = ", ".join(_SUFFIXES[:-1]) + f" or {_SUFFIXES[-1]}"
+# a folder holding one of these was written by save_to_disk
+_SAVED_MARKERS = ("dataset_dict.json", "state.json")
+_MISSING_HINT = " (DATA is a local file or folder, or 'default'; nothing is downloaded)"
 
 
 @dataclass(frozen=True)
@@ -119,7 +156,7 @@ def _read_txt(path: Path) -> list[Document]:
     return [Document(title="", text=p) for p in parts if p]
 
 
-def _read_jsonl(path: Path) -> list[Document]:
+def _read_jsonl(path: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> list[Document]:
     docs = []
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
@@ -132,45 +169,199 @@ def _read_jsonl(path: Path) -> list[Document]:
                 raise InputError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from err
             if isinstance(obj, str):
                 text, title = obj, ""
-            elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                text, title = obj["text"], str(obj.get("title", ""))
+            elif isinstance(obj, dict) and isinstance(obj.get(text_column), str):
+                text, title = obj[text_column], str(obj.get("title", ""))
             else:
-                raise InputError(f"{path}: line {lineno} has no string field 'text'")
+                raise InputError(f"{path}: line {lineno} has no string field '{text_column}'")
             if text.strip():
                 docs.append(Document(title=title, text=text.strip()))
     return docs
 
 
-def _read_file(path: Path) -> list[Document]:
+# ---- sources read through Hugging Face ``datasets`` ----------------------------------------
+
+
+def _datasets() -> Any:
+    """The ``datasets`` module, imported offline and without its progress bars."""
+    set_offline_env()
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    return datasets
+
+
+@contextlib.contextmanager
+def _dataset_errors(what: str) -> Iterator[Any]:
+    """Yield ``datasets``; its failures (logged, then raised) become one-line ``InputError``s."""
+    import pyarrow
+
+    datasets = _datasets()
+    logging = datasets.utils.logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)  # the error is re-raised below, in one line
+    try:
+        yield datasets
+    except (datasets.exceptions.DatasetsError, pyarrow.ArrowException, ValueError, OSError) as err:
+        cause: BaseException = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise InputError(f"cannot read {what}: {_first_line(cause)}") from err
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _names(names: Any) -> str:
+    return ", ".join(f"'{n}'" for n in names) or "none"
+
+
+def _is_string(feature: Any) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _dataset_documents(ds: Any, what: str, text_column: str) -> list[Document]:
+    """One document per row of a ``datasets.Dataset``: its ``text_column`` (and ``title``)."""
+    features = ds.features
+    if text_column not in features:
+        raise InputError(
+            f"{what} has no column '{text_column}'; its columns: {_names(features)} "
+            "(choose one with --text-column)"
+        )
+    if not _is_string(features[text_column]):
+        feature = features[text_column]
+        kind = getattr(feature, "dtype", type(feature).__name__)
+        strings = [name for name, f in features.items() if _is_string(f)]
+        raise InputError(
+            f"{what}: column '{text_column}' holds {kind}, not text; "
+            f"its string columns: {_names(strings)}"
+        )
+    titled = text_column != "title" and _is_string(features.get("title"))
+    columns = [text_column, "title"] if titled else [text_column]
+    docs = []
+    for batch in ds.select_columns(columns).iter(batch_size=1024):
+        titles = batch["title"] if titled else itertools.repeat(None)
+        for text, title in zip(batch[text_column], titles):
+            if text and text.strip():
+                docs.append(Document(title=title or "", text=text.strip()))
+    return docs
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in _SAVED_MARKERS)
+
+
+def _read_saved(path: Path, split: str | None, text_column: str) -> list[Document]:
+    """Rows of a folder written by ``save_to_disk`` (a ``DatasetDict``: ``split``, else module docs)."""
+    with _dataset_errors(f"saved dataset '{path}'") as datasets:
+        loaded = datasets.load_from_disk(str(path))
+    what = f"saved dataset '{path}'"
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if split is None:
+            split = "train" if "train" in loaded or len(names) != 1 else names[0]
+        if split not in loaded:
+            raise InputError(
+                f"{what} has no split '{split}'; its splits: {_names(names)} "
+                f"(choose one as '{path}:SPLIT')"
+            )
+        loaded, what = loaded[split], f"split '{split}' of {what}"
+    elif split is not None and split != str(loaded.split):
+        raise InputError(
+            f"{what} is a single Dataset, not a DatasetDict: it has no split '{split}'"
+        )
+    return _dataset_documents(loaded, what, text_column)
+
+
+def _read_data_file(path: Path, fmt: str, text_column: str) -> list[Document]:
+    with _dataset_errors(f"'{path}' as {fmt}") as datasets:
+        ds = datasets.load_dataset(
+            fmt, data_files=[str(path)], split="train", cache_dir=str(cache_dir() / "datasets")
+        )
+    return _dataset_documents(ds, f"'{path}'", text_column)
+
+
+# ---- one entry point for every source ------------------------------------------------------
+
+
+def _read_file(path: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> list[Document]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _read_txt(path)
     if suffix == ".jsonl":
-        return _read_jsonl(path)
-    raise InputError(f"unsupported text file '{path}': expected .txt or .jsonl")
+        return _read_jsonl(path, text_column)
+    if suffix in _DATASET_FORMATS:
+        return _read_data_file(path, _DATASET_FORMATS[suffix], text_column)
+    raise InputError(
+        f"unsupported text file '{path}': expected {_EXPECTED}, or a saved dataset folder"
+    )
 
 
-def load_documents(spec: str | os.PathLike[str] = DEFAULT_DATA) -> list[Document]:
-    """Load documents from ``"default"``, a ``.txt``/``.jsonl`` file, or a folder of them.
+def _folder_sources(root: Path) -> list[Path]:
+    """Files of a folder in sorted path order; a saved dataset inside it counts as one source."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file())
+    sources: dict[Path, None] = {}
+    for file in files:
+        source = file
+        for parent in file.relative_to(root).parents:  # innermost first; keep the outermost
+            if parent != Path(".") and _is_saved_dataset(root / parent):
+                source = root / parent
+        sources.setdefault(source, None)
+    return list(sources)
+
+
+def _parse_spec(spec: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """``(path, split)``: ``PATH:SPLIT`` names a split when ``PATH`` is a folder (module docs)."""
+    text = str(spec)
+    head, sep, split = text.rpartition(":")
+    if sep and head and split and not Path(text).expanduser().exists():
+        folder = Path(head).expanduser()
+        if folder.is_dir():
+            if not _is_saved_dataset(folder):
+                raise InputError(
+                    f"'{spec}': ':{split}' names a split, but '{head}' is not a saved dataset "
+                    "folder (save_to_disk)"
+                )
+            return folder, split
+    return existing_path(spec, "data path", _MISSING_HINT), None
+
+
+def load_documents(
+    spec: str | os.PathLike[str] = DEFAULT_DATA, *, text_column: str = DEFAULT_TEXT_COLUMN
+) -> list[Document]:
+    """Load documents from ``"default"``, a file, a saved dataset or a folder (module docs).
+
+    ``text_column`` names the column (or ``.jsonl`` field) that holds the text; ``.txt`` files
+    and the default corpus have none.
 
     Example:
         >>> load_documents("missing.txt")
         Traceback (most recent call last):
         ...
-        edkm.errors.InputError: text file 'missing.txt' does not exist
+        edkm.errors.InputError: data path 'missing.txt' does not exist (DATA is a local file or folder, or 'default'; nothing is downloaded)
     """
+    if not text_column:
+        raise InputError("the text column must be a non-empty name")
     if str(spec) == DEFAULT_DATA:
         return load_default_articles()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise InputError(f"text file '{spec}' does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in {".txt", ".jsonl"})
-        if not files:
-            raise InputError(f"folder '{spec}' holds no .txt or .jsonl files")
-        docs = [d for f in files for d in _read_file(f)]
+    path, split = _parse_spec(spec)
+    if split is not None or (path.is_dir() and _is_saved_dataset(path)):
+        docs = _read_saved(path, split, text_column)
+    elif path.is_dir():
+        sources = _folder_sources(path)
+        if not sources:
+            raise InputError(f"folder '{spec}' holds no {_EXPECTED} files")
+        docs = []
+        for source in sources:
+            if source.is_dir():
+                docs += _read_saved(source, None, text_column)
+            else:
+                docs += _read_file(source, text_column)
     else:
-        docs = _read_file(path)
+        docs = _read_file(path, text_column)
     if not docs:
         raise InputError(f"text source '{spec}' is empty")
     return docs
@@ -209,14 +400,17 @@ def split_documents(
 
 
 def load_split(
-    spec: str | os.PathLike[str] = DEFAULT_DATA, eval_fraction: float = DEFAULT_EVAL_FRACTION
+    spec: str | os.PathLike[str] = DEFAULT_DATA,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    *,
+    text_column: str = DEFAULT_TEXT_COLUMN,
 ) -> TextSplit:
-    """``split_documents(load_documents(spec))``.
+    """``split_documents(load_documents(spec, text_column=...), eval_fraction)``.
 
     Example:
         >>> split = load_split("default")  # doctest: +SKIP
     """
-    return split_documents(load_documents(spec), eval_fraction)
+    return split_documents(load_documents(spec, text_column=text_column), eval_fraction)
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ from edkm.io.models import DEFAULT_MODEL, load_model, set_offline
 
 def is_palettized_dir(spec: str | os.PathLike[str]) -> bool:
     """True for a folder written by ``save_palettized``."""
-    from edkm.export.palettized import META_FILE
+    from edkm.export.format import META_FILE
 
     return str(spec) != DEFAULT_MODEL and (Path(spec).expanduser() / META_FILE).is_file()
 

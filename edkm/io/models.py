@@ -9,7 +9,8 @@ into a temporary folder and renamed into place, so an interrupted conversion nev
 folder behind.
 
 Nothing here touches the network: ``HF_HUB_OFFLINE=1`` is set before transformers is imported,
-so a missing file fails at once instead of after retries.
+so a missing file fails at once instead of after retries. The cache folder, the offline switches
+and the missing-path check are shared with the data loader (:mod:`edkm.io.paths`).
 
 Example:
     >>> from edkm.io.models import load_model
@@ -29,6 +30,7 @@ import torch
 
 from edkm.errors import InputError
 from edkm.io import atomic
+from edkm.io.paths import cache_dir, existing_path, set_offline_env
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -42,26 +44,10 @@ def set_offline() -> None:
 
     Also silences transformers' per-tensor loading bars: edkm shows its own progress.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    set_offline_env()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-
-def cache_dir() -> Path:
-    """The edkm cache folder: ``$EDKM_CACHE_DIR``, else ``$XDG_CACHE_HOME/edkm`` or ``~/.cache/edkm``.
-
-    Example:
-        >>> cache_dir().name
-        'edkm'
-    """
-    env = os.environ.get("EDKM_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edkm"
 
 
 def _gguf_path() -> Path:
@@ -122,9 +108,7 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
     """
     if str(spec) == DEFAULT_MODEL:
         return default_model_dir()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise InputError(f"model path '{spec}' does not exist")
+    path = existing_path(spec, "model path")
     if not path.is_dir():
         raise InputError(
             f"model path '{spec}' is not a folder (expected a Hugging Face model folder)"

@@ -1,20 +1,21 @@
-"""DKM kernels: uniquified (16-bit bit-pattern tables) and implicit-attention paths.
+"""DKM kernels: the uniquified DKM's per-weight ops and the implicit-attention DKM.
 
-Each path has a pure-PyTorch reference beside its fast code, and chooses Triton kernels (CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or plain torch by the tensors' device.
-Importing this package imports neither Triton nor the kernel modules and never queries CUDA:
-the names below load on first use, and the ``@triton.jit`` modules (``implicit_triton``,
-``unique_triton``, ``triton_ops``) only when a Triton launch needs them.
+The lowest layer of edkm's DKM: it imports no other edkm package (``edkm.dkm`` builds on it).
 
-Public API:
-    dkm_soft_triton(weight, centroids, *, tau, iters, group_size=None, path="auto")
-    implicit_dkm(weight, centroids, *, tau, iters, group_size=None, backend="auto")
-    unique_dkm(weight, centroids, *, tau, iters, group_size=None, backend="auto")
-    bit_histogram(weight, *, group_size=None, backend="auto")
-    gather_table(table, weight, *, group_size=None, backend="auto")
-    scatter_bins(grad, weight, *, group_size=None, backend="auto")
-    unique_grad(grad, weight, slope_path, *, group_size=None, backend="auto")
-    dkm_reference(weight, centroids, *, tau, iters, group_size=None)
+- :mod:`edkm.kernels._common`: ``BINS``, ``MIN_MASS``, LUT groups, temperatures, the
+  ``backend`` word (``"auto"``, ``"torch"``, ``"triton"``);
+- :mod:`edkm.kernels.unique`: the four per-weight passes of the uniquified DKM as
+  ``torch.library`` custom ops (``edkm::bit_histogram``, ``edkm::gather_table``,
+  ``edkm::scatter_bins``, ``edkm::unique_grad``), each with a chunked torch implementation and
+  the Triton kernels of :mod:`edkm.kernels.unique_triton`;
+- :mod:`edkm.kernels.implicit`: the implicit-attention DKM (FlashAttention-style, O(N + T*K)
+  memory), with a chunked torch engine (:mod:`edkm.kernels.implicit_torch`) and Triton kernels
+  (:mod:`edkm.kernels.implicit_triton`);
+- :mod:`edkm.kernels.triton_ops`: ``@triton.jit`` building blocks (casts, in-register sort).
+
+Importing this package imports neither Triton nor the ``@triton.jit`` modules and never queries
+CUDA: those load on the first Triton launch (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), so tests can set the interpreter first.
 
 Example:
     >>> import torch, edkm.kernels as K
@@ -26,52 +27,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from edkm.kernels.implicit import implicit_dkm
+from edkm.kernels.unique import bit_histogram, gather_table, scatter_bins, unique_grad
 
-_EXPORTS: dict[str, str] = {
-    "dkm_soft_triton": "edkm.kernels.dispatch",
-    "implicit_dkm": "edkm.kernels.implicit",
-    "dkm_reference": "edkm.kernels.implicit",
-    "unique_dkm": "edkm.kernels.unique",
-    "bit_histogram": "edkm.kernels.unique",
-    "gather_table": "edkm.kernels.unique",
-    "scatter_bins": "edkm.kernels.unique",
-    "unique_grad": "edkm.kernels.unique",
-}
-
-__all__ = [
-    "bit_histogram",
-    "dkm_reference",
-    "dkm_soft_triton",
-    "gather_table",
-    "implicit_dkm",
-    "scatter_bins",
-    "unique_dkm",
-    "unique_grad",
-]
-assert sorted(_EXPORTS) == __all__
-
-if TYPE_CHECKING:  # pragma: no cover
-    from edkm.kernels.dispatch import dkm_soft_triton
-    from edkm.kernels.implicit import dkm_reference, implicit_dkm
-    from edkm.kernels.unique import (
-        bit_histogram,
-        gather_table,
-        scatter_bins,
-        unique_dkm,
-        unique_grad,
-    )
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edkm.kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = ["bit_histogram", "gather_table", "implicit_dkm", "scatter_bins", "unique_grad"]

@@ -1,14 +1,17 @@
 """Implicit-attention DKM: soft k-means that never materialises the N x K attention map.
 
-Reads top to bottom: the pure-PyTorch reference (plain autograd, N x K map kept for backward) ->
-the engine protocol (``implicit_torch.TorchEngine`` for CPU, the Triton kernels of
-``implicit_triton`` on CUDA, imported only when used) -> the ``torch.autograd.Function`` whose
-backward recomputes A from (w, c_t) per iteration -> the functional API ``implicit_dkm``.
+The second DKM algorithm (the uniquified one is ``edkm.dkm.unique``): any weight dtype, grouped
+LUTs, O(N + T*K) memory; the ablation's baseline kernel. Its pure-PyTorch reference is the one
+reference DKM, ``edkm.dkm.soft.dkm_reference`` (plain autograd, N x K map kept for backward).
+Reads top to bottom: the engine protocol (``implicit_torch.TorchEngine``, a chunked torch loop,
+or the Triton kernels of ``implicit_triton``, imported only when used) -> the
+``torch.autograd.Function`` whose backward recomputes A from (w, c_t) per iteration -> the
+functional API ``implicit_dkm``.
 
 The math, for one LUT group with weights w_i, centroids c_j and temperature tau:
 
     A_ij = softmax_j(-(w_i - c_j)^2 / tau)
-    c_{t+1,j} = S1_j / S0_j, S0_j = sum_i A_ij, S1_j = sum_i A_ij w_i  (kept if S0_j == 0)
+    c_{t+1,j} = S1_j / S0_j, S0_j = sum_i A_ij, S1_j = sum_i A_ij w_i  (kept if S0_j <= MIN_MASS)
     what_i = sum_j A_ij c_T,j
 
 Backward, with upstream g_i = dL/dwhat_i and gc = dL/dc_T, writing q_ij for a softmax-input
@@ -18,7 +21,7 @@ gradient times dz_ij/dc_j = 2 (w_i - c_j) / tau (dz_ij/dw_i is its negative):
             dL/dw_i = -sum_j q_ij,  dL/dc_j += sum_i g_i A_ij + sum_i q_ij
     update: a_j = gc_{t+1,j} / S0_j, dA_ij = a_j (w_i - c_{t+1,j})
             q_ij = A_ij (dA_ij - sum_k A_ik dA_ik) 2 (w_i - c_j) / tau
-            dL/dw_i += sum_j A_ij a_j - sum_j q_ij,  dL/dc_t,j = sum_i q_ij (+ gc_{t+1,j} if S0_j=0)
+            dL/dw_i += sum_j A_ij a_j - sum_j q_ij,  dL/dc_t,j = sum_i q_ij (+ gc_{t+1,j} if empty)
 
 Only (w, c_0..c_T, S0_0..S0_{T-1}) are saved, so memory is O(N + T*K).
 
@@ -36,60 +39,19 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from edkm.dkm.unique import MIN_MASS
 from edkm.kernels._common import (
-    Backend,
+    MIN_MASS,
+    centroid_step,
     check_centroids,
     lut_groups,
     temperatures,
     use_triton,
 )
 
-__all__ = ["DKMEngine", "dkm_reference", "implicit_dkm", "run_implicit"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure-PyTorch reference (what every fast path is held to)
-# ----------------------------------------------------------------------------------------------
-
-
-def dkm_reference(
-    weight: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    tau: float | torch.Tensor,
-    iters: int,
-    group_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference DKM with plain autograd: keeps every N x K attention map for backward.
-
-    Computes in fp32 (fp64 for fp64 weights); returns (soft weight in the weight's dtype,
-    final centroids (G, K) in the compute dtype).
-
-    Example:
-        >>> w = torch.tensor([[0.0, 0.1], [0.9, 1.0]])
-        >>> soft, c = dkm_reference(w, torch.tensor([[0.0, 1.0]]), tau=1e-3, iters=2)
-        >>> [round(v, 2) for v in c[0].tolist()]
-        [0.05, 0.95]
-    """
-    groups = lut_groups(weight.shape, group_size)
-    check_centroids(centroids, groups)
-    cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    t = temperatures(tau, groups, weight.device, cdt).view(-1, 1, 1)
-    w = weight.reshape(groups, -1).to(cdt)
-    c = centroids.to(cdt)
-    for _ in range(iters):
-        a = torch.softmax(-((w.unsqueeze(-1) - c.unsqueeze(1)) ** 2) / t, dim=-1)
-        s0 = a.sum(1)
-        s1 = (a * w.unsqueeze(-1)).sum(1)
-        # an empty cluster (mass <= MIN_MASS, edkm.dkm.unique) keeps its centroid; the inner where
-        # keeps its gradient finite
-        c = torch.where(s0 > MIN_MASS, s1 / torch.where(s0 > MIN_MASS, s0, torch.ones_like(s0)), c)
-    a = torch.softmax(-((w.unsqueeze(-1) - c.unsqueeze(1)) ** 2) / t, dim=-1)
-    soft = (a * c.unsqueeze(1)).sum(-1)
-    return soft.reshape(weight.shape).to(weight.dtype), c
+__all__ = ["DKMEngine", "implicit_dkm", "run_implicit"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,39 +60,24 @@ def dkm_reference(
 
 
 class DKMEngine(Protocol):
-    """What the autograd Functions need from an engine; see ``implicit_torch`` for semantics."""
+    """What the autograd Function needs from an engine; see ``implicit_torch`` for semantics."""
 
-    def sums(
-        self, w: torch.Tensor, mult: torch.Tensor | None, c: torch.Tensor, tau: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def sums(self, w: Tensor, c: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]: ...
 
-    def soft(
-        self, w: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, out: torch.Tensor
-    ) -> None: ...
+    def soft(self, w: Tensor, c: Tensor, tau: Tensor, out: Tensor) -> None: ...
 
-    def backward_final(
-        self,
-        w: torch.Tensor,
-        c: torch.Tensor,
-        tau: torch.Tensor,
-        g: torch.Tensor,
-        out: torch.Tensor,
-        scale_by_g: bool,
-    ) -> torch.Tensor: ...
+    def backward_final(self, w: Tensor, c: Tensor, tau: Tensor, g: Tensor, out: Tensor) -> Tensor:
+        """dL/dc of ``soft`` for upstream ``g``; writes g_i * D_i in ``out``."""
+        ...
 
     def backward_update(
-        self,
-        w: torch.Tensor,
-        mult: torch.Tensor | None,
-        c: torch.Tensor,
-        c_next: torch.Tensor,
-        a_coef: torch.Tensor,
-        tau: torch.Tensor,
-        acc: torch.Tensor,
-    ) -> torch.Tensor: ...
+        self, w: Tensor, c: Tensor, c_next: Tensor, a_coef: Tensor, tau: Tensor, acc: Tensor
+    ) -> Tensor:
+        """dL/dc_t of one update for ``a_coef``; adds each row's gradient to ``acc``."""
+        ...
 
 
-def engine_for(backend: Backend, tensor: torch.Tensor) -> DKMEngine:
+def engine_for(backend: str, tensor: Tensor) -> DKMEngine:
     """The Triton engine when ``backend`` selects it for ``tensor``, else the chunked torch one.
 
     Example:
@@ -147,18 +94,13 @@ def engine_for(backend: Backend, tensor: torch.Tensor) -> DKMEngine:
 
 
 def run_implicit(
-    engine: DKMEngine,
-    w: torch.Tensor,
-    mult: torch.Tensor | None,
-    c0: torch.Tensor,
-    tau: torch.Tensor,
-    iters: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    engine: DKMEngine, w: Tensor, c0: Tensor, tau: Tensor, iters: int
+) -> tuple[Tensor, Tensor]:
     """Forward k-means iterations on (G, n) rows: returns the stacked c_0..c_T and S0_0..S0_{T-1}.
 
     Example:
         >>> from edkm.kernels.implicit_torch import TorchEngine
-        >>> cs, s0 = run_implicit(TorchEngine(), torch.zeros(1, 4), None, torch.zeros(1, 2),
+        >>> cs, s0 = run_implicit(TorchEngine(), torch.zeros(1, 4), torch.zeros(1, 2),
         ...                       torch.ones(1), 2)
         >>> cs.shape, s0.shape
         (torch.Size([3, 1, 2]), torch.Size([2, 1, 2]))
@@ -166,8 +108,8 @@ def run_implicit(
     c = c0
     cs, s0s = [c], []
     for _ in range(iters):
-        s0, s1 = engine.sums(w, mult, c, tau)
-        c = torch.where(s0 > MIN_MASS, s1 / torch.where(s0 > MIN_MASS, s0, torch.ones_like(s0)), c)
+        s0, s1 = engine.sums(w, c, tau)
+        c = centroid_step(s0, s1, c)
         cs.append(c)
         s0s.append(s0)
     s0_all = torch.stack(s0s) if s0s else c0.new_zeros((0, *c0.shape))
@@ -175,15 +117,8 @@ def run_implicit(
 
 
 def backward_updates(
-    engine: DKMEngine,
-    w: torch.Tensor,
-    mult: torch.Tensor | None,
-    cs: torch.Tensor,
-    s0s: torch.Tensor,
-    tau: torch.Tensor,
-    gc: torch.Tensor,
-    acc: torch.Tensor,
-) -> torch.Tensor:
+    engine: DKMEngine, w: Tensor, cs: Tensor, s0s: Tensor, tau: Tensor, gc: Tensor, acc: Tensor
+) -> Tensor:
     """Back through the T centroid updates, last first; adds per-row gradients to ``acc``.
 
     ``gc`` is dL/dc_T; returns dL/dc_0.
@@ -192,7 +127,7 @@ def backward_updates(
         s0 = s0s[t]
         live = s0 > MIN_MASS
         a_coef = torch.where(live, gc / torch.where(live, s0, torch.ones_like(s0)), 0.0)
-        dc = engine.backward_update(w, mult, cs[t], cs[t + 1], a_coef, tau, acc)
+        dc = engine.backward_update(w, cs[t], cs[t + 1], a_coef, tau, acc)
         gc = dc + torch.where(live, 0.0, gc)  # an empty cluster passed its centroid through
     return gc
 
@@ -206,16 +141,16 @@ class _ImplicitDKM(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        weight: torch.Tensor,
-        centroids: torch.Tensor,
-        tau: torch.Tensor,
+        weight: Tensor,
+        centroids: Tensor,
+        tau: Tensor,
         iters: int,
         groups: int,
         engine: DKMEngine,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
         w = weight.detach().contiguous().view(groups, -1)
-        cs, s0s = run_implicit(engine, w, None, centroids.detach().to(cdt), tau, iters)
+        cs, s0s = run_implicit(engine, w, centroids.detach().to(cdt), tau, iters)
         soft = torch.empty_like(w)
         engine.soft(w, cs[-1], tau, soft)
         ctx.save_for_backward(w, cs, s0s, tau)
@@ -226,15 +161,15 @@ class _ImplicitDKM(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g_soft: torch.Tensor | None, g_c: torch.Tensor | None) -> Any:
+    def backward(ctx: Any, g_soft: Tensor | None, g_c: Tensor | None) -> Any:
         w, cs, s0s, tau = ctx.saved_tensors
         engine: DKMEngine = ctx.engine
         g = torch.zeros_like(w) if g_soft is None else g_soft.contiguous().view(w.shape)
         acc = torch.empty(w.shape, dtype=cs.dtype, device=w.device)
-        gc = engine.backward_final(w, cs[-1], tau, g, acc, True)
+        gc = engine.backward_final(w, cs[-1], tau, g, acc)
         if g_c is not None:
             gc = gc + g_c.to(gc.dtype)
-        gc = backward_updates(engine, w, None, cs, s0s, tau, gc, acc)
+        gc = backward_updates(engine, w, cs, s0s, tau, gc, acc)
         grad_w = acc.to(w.dtype).view(ctx.weight_shape) if ctx.needs_input_grad[0] else None
         grad_c = gc.to(ctx.centroid_dtype) if ctx.needs_input_grad[1] else None
         return grad_w, grad_c, None, None, None, None
@@ -246,14 +181,14 @@ class _ImplicitDKM(torch.autograd.Function):
 
 
 def implicit_dkm(
-    weight: torch.Tensor,
-    centroids: torch.Tensor,
+    weight: Tensor,
+    centroids: Tensor,
     *,
-    tau: float | torch.Tensor,
+    tau: float | Tensor,
     iters: int,
     group_size: int | None = None,
-    backend: Backend = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
     """DKM with O(N + T*K) memory: Triton kernels on CUDA, a chunked torch loop on CPU.
 
     Same contract as ``edkm.dkm.soft.dkm_soft``: ``weight`` (out, in) in any float dtype,
@@ -261,7 +196,7 @@ def implicit_dkm(
     weight's dtype, final centroids (G, K) fp32 (fp64 for fp64 weights)); gradients flow to the
     weight and to the initial centroids through all ``iters`` iterations. ``backend`` forces
     'triton' (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or 'torch'. Callers check
-    that weights are finite (``dkm_soft_triton`` does); this function never syncs on data.
+    that weights are finite (``dkm_soft`` does); this function never syncs on data.
 
     Example:
         >>> w = torch.randn(8, 4, requires_grad=True)

@@ -1,22 +1,35 @@
-"""Uniquified DKM for 16-bit weights: a 65,536-row table per LUT group instead of N rows.
+"""The four per-weight operations of the uniquified DKM, as ``torch.library`` custom ops.
 
-Reads top to bottom: pure-PyTorch references of the four per-weight operations (histogram of
-bit patterns, gather of the soft-value table, scatter-add of gradients into bins, and the
-per-weight backward ``g*D[b] + H[b]``) -> the engines (these references on CPU, the Triton
-kernels of ``unique_triton`` on CUDA, imported only when used) -> the ``torch.autograd.Function``
--> the functional API.
+The uniquified DKM (``edkm.dkm.unique``) touches the N weights only in four passes; everything
+else runs on the (G, 65536) table. Each pass is one custom op, so ``torch.compile``, FSDP2 and
+``make_fx`` see it as a single op, and each picks its implementation by its ``backend`` argument:
 
-A bf16/fp16 weight's bit pattern b_i is its row in the table, so no index is stored. Per group,
-with n_u the histogram of the patterns and u the value of pattern u, DKM runs on the table rows
-weighted by n_u (the same implicit-attention engine as ``implicit``, with multiplicities):
+- ``edkm::bit_histogram(weight, groups, backend, chunk)``: (G, 65536) int32 count of each 16-bit
+  pattern per LUT group;
+- ``edkm::gather_table(table, weight, groups, backend, chunk)``: ``table[g, b_i]`` for every
+  weight, in the table's dtype and the weight's shape (the soft weight ``T[b]``);
+- ``edkm::scatter_bins(grad, weight, groups, backend, chunk)``: (G, 65536) fp32 sum of the
+  upstream gradient over each pattern's weights (``G_u``);
+- ``edkm::unique_grad(grad, weight, slope_path, groups, backend, chunk)``: the fused per-weight
+  backward ``g_i * D[b_i] + H[b_i]`` in the weight's dtype, from the interleaved (G, 65536, 2)
+  fp32 table of ``[D, H]``.
 
-    c_{t+1,j} = sum_u n_u A_uj u / sum_u n_u A_uj,   T_u = sum_j A_uj c_T,j,   what_i = T[b_i]
+``backend`` is ``"torch"`` (the chunked pure-PyTorch implementation below, the reference the
+Triton kernels are held to) or ``"triton"`` (the kernels of :mod:`edkm.kernels.unique_triton`,
+imported only then). Every op has a fake implementation (output shape and dtype only), so the
+engine runs under ``FakeTensorMode`` and ``torch.compile`` with no data-dependent shape.
 
-Backward, with upstream g_i: G_u = sum_{b_i=u} g_i (scatter-add); the table backward with
-upstream G gives dL/dc_0, the local slope D_u = dT_u/du at fixed c, and the per-copy gradient
-H_u through the centroid updates; then dL/dw_i = g_i D[b_i] + H[b_i]. H needs all of G first
-(through dL/dc), so the backward reads g twice: the scatter pass, then the fused
-``g*D[b] + H[b]`` pass that also casts to the weight dtype.
+A weight's row is ``g * 65536 + pattern``, with ``pattern`` its 16-bit bit pattern (fp16 for
+fp16 weights, else the weight rounded to bf16, to nearest even: the value the clustering sees).
+``groups`` splits the flattened weight into that many equal consecutive parts (consecutive
+output channels of a 2-D weight). Reads top to bottom: the torch implementation -> the custom
+ops -> the functional API (checks arguments, resolves ``backend="auto"``).
+
+Memory measurement: a dispatch-mode tracker (PyTorch's ``MemTracker``, real or under
+``FakeTensorMode``) sees each op's output but not the torch implementation's block scratch
+inside it (about 5 MiB at most, at ``CHUNK`` = 2^18 weights: int32 rows, a bf16 copy of fp32
+weights, fp32 gradients, 8-byte [D, H] pairs), as for any other op's internal workspace;
+``torch.cuda.max_memory_allocated`` counts it.
 
 Example:
     >>> import torch
@@ -27,135 +40,186 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
-from edkm.kernels._common import (
-    SIXTEEN_BIT,
-    Backend,
-    check_centroids,
-    lut_groups,
-    temperatures,
-    use_triton,
-)
-from edkm.kernels.implicit import DKMEngine, backward_updates, engine_for, run_implicit
+from edkm.kernels._common import BINS, KERNEL_DTYPES, SIXTEEN_BIT, resolve_backend
 
 __all__ = [
-    "BINS",
+    "CHUNK",
     "bit_histogram",
-    "bit_keys",
+    "block_rows",
     "gather_table",
     "scatter_bins",
-    "table_values",
-    "unique_dkm",
     "unique_grad",
 ]
 
-BINS = 1 << 16  # rows of one group's table: every 16-bit pattern
+# Weights per block in the torch passes: 2^18 keeps one block's int32 rows and fp32 gradients
+# (1 MiB each) in L2, so each pass reads the weight once from memory.
+CHUNK = 1 << 18
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure-PyTorch references
+# The torch implementation: N-sized passes, block by block
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_16bit(weight: torch.Tensor) -> None:
-    if weight.dtype not in SIXTEEN_BIT:
-        raise ValueError(
-            f"the uniquified path needs bf16 or fp16 weights (a 16-bit pattern per weight), "
-            f"got {weight.dtype}"
+def _blocks(groups: int, per_group: int, chunk: int) -> Iterator[tuple[int, int, int, int]]:
+    """Blocks ``(g0, g1, m0, m1)`` of a (groups, per_group) view, about ``chunk`` weights each.
+
+    Several whole groups per block when groups are small, else a slice of one group, so a
+    block's rows are ``pattern + g * BINS`` with one broadcast offset per group.
+    """
+    if per_group >= chunk:
+        for g in range(groups):
+            for m0 in range(0, per_group, chunk):
+                yield g, g + 1, m0, min(m0 + chunk, per_group)
+    else:
+        step = max(1, chunk // max(per_group, 1))
+        for g0 in range(0, groups, step):
+            yield g0, min(g0 + step, groups), 0, per_group
+
+
+def block_rows(block: torch.Tensor, g0: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Table row ``g * 65536 + pattern`` of every weight in a (groups, m) block, int32.
+
+    fp32 weights are rounded to bf16 first (the pattern the clustering sees). ``out`` is a
+    reusable buffer of the block's shape (int64 when rows reach 2^31, beyond 32,767 groups).
+
+    Example:
+        >>> block_rows(torch.tensor([[1.0, -2.0]]).bfloat16(), 0).tolist()
+        [[16256, 49152]]
+    """
+    if block.dtype not in SIXTEEN_BIT:
+        block = block.to(torch.bfloat16)
+    if out is None:
+        big = (g0 + block.shape[0]) * BINS > torch.iinfo(torch.int32).max
+        out = torch.empty(
+            block.shape, dtype=torch.int64 if big else torch.int32, device=block.device
         )
+    # Widen the signed int16 view and mask: a uint16 source has no vectorized copy on CPU
+    # (measured ~10x slower); both steps stay in cache when the block does.
+    rows = out.copy_(block.view(torch.int16)).bitwise_and_(0xFFFF)
+    if g0 or block.shape[0] > 1:
+        offsets = torch.arange(g0, g0 + block.shape[0], device=block.device, dtype=rows.dtype)
+        rows.add_(offsets.mul_(BINS).unsqueeze(1))
+    return rows
 
 
-def bit_keys(weight: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
-    """Flat int64 table row of every weight: group * 65536 + its 16-bit pattern.
+class _Blocks:
+    """Blocks of a weight viewed as (groups, per_group), with one scratch buffer for the rows
+    (and one for bf16 rounding of fp32 weights) reused by every block: fresh N- or block-sized
+    allocations cost page faults that dominate these cheap passes."""
 
-    Example:
-        >>> bit_keys(torch.tensor([[1.0], [-0.0]], dtype=torch.bfloat16), 1).tolist()
-        [16256, 98304]
+    def __init__(self, weight: torch.Tensor, groups: int, chunk: int) -> None:
+        self.w = weight.detach().reshape(groups, -1)
+        self.groups, self.per_group = groups, self.w.shape[1]
+        self.spans = list(_blocks(groups, self.per_group, chunk))
+        self.size = max(((g1 - g0) * (m1 - m0) for g0, g1, m0, m1 in self.spans), default=0)
+        big = groups * BINS > torch.iinfo(torch.int32).max
+        dev = weight.device
+        self._rows = torch.empty(self.size, dtype=torch.int64 if big else torch.int32, device=dev)
+        self._w16 = None
+        if self.w.dtype not in SIXTEEN_BIT:
+            self._w16 = torch.empty(self.size, dtype=torch.bfloat16, device=dev)
+
+    def scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        """A block-sized buffer for a pass's own temporaries."""
+        return torch.empty(self.size, dtype=dtype, device=self.w.device)
+
+    def __iter__(self) -> Iterator[tuple[slice, tuple[slice, slice], torch.Tensor]]:
+        """``(flat slice, (group slice, column slice), rows)``; ``rows`` (flat, int) is
+        overwritten by the next block: use it before advancing."""
+        for g0, g1, m0, m1 in self.spans:
+            shape = (g1 - g0, m1 - m0)
+            n = shape[0] * shape[1]
+            block = self.w[g0:g1, m0:m1]
+            if self._w16 is not None:
+                block = self._w16[:n].view(shape).copy_(block)  # round to nearest even
+            rows = block_rows(block, g0, self._rows[:n].view(shape))
+            start = g0 * self.per_group + m0
+            yield slice(start, start + n), (slice(g0, g1), slice(m0, m1)), rows.view(-1)
+
+
+def _grad_block(grad2d: torch.Tensor, span: tuple[slice, slice], buf: torch.Tensor) -> torch.Tensor:
+    """The fp32 flat upstream gradient of one block (a view when it already is one)."""
+    block = grad2d[span]
+    if block.dtype == torch.float32 and block.is_contiguous():
+        return block.reshape(-1)
+    return buf[: block.numel()].view(block.shape).copy_(block).view(-1)
+
+
+class TorchBins:
+    """The chunked torch implementation of the four operations (the reference of the kernels).
+
+    Memory beyond the output is one block: O(``chunk`` + table), never N-sized.
     """
-    _check_16bit(weight)
-    groups = lut_groups(weight.shape, group_size)
-    bits = weight.contiguous().view(torch.int16).reshape(groups, -1).to(torch.int64) & 0xFFFF
-    offset = torch.arange(groups, device=weight.device).unsqueeze(1) * BINS
-    return (bits + offset).reshape(-1)
+
+    @staticmethod
+    def histogram(weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+        # int32, not fp32: fp32 stops counting at 2^24, and one value (zeros of a pruned
+        # layer) can occur more often than that
+        counts = torch.zeros(groups * BINS, dtype=torch.int32, device=weight.device)
+        blocks = _Blocks(weight, groups, chunk)
+        one = torch.ones((), dtype=torch.int32, device=weight.device).expand(blocks.size)
+        for _, _, rows in blocks:
+            counts.index_add_(0, rows, one[: rows.numel()])
+        return counts.view(groups, BINS)
+
+    @staticmethod
+    def gather(table: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+        flat_table = table.reshape(-1)
+        out = torch.empty(weight.numel(), dtype=table.dtype, device=weight.device)
+        for part, _, rows in _Blocks(weight, groups, chunk):
+            torch.index_select(flat_table, 0, rows, out=out[part])
+        return out.view(weight.shape)
+
+    @staticmethod
+    def scatter(grad: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+        out = torch.zeros(groups * BINS, dtype=torch.float32, device=weight.device)
+        blocks = _Blocks(weight, groups, chunk)
+        grad2d, buf = grad.reshape(groups, -1), blocks.scratch(torch.float32)
+        for _, span, rows in blocks:
+            out.index_add_(0, rows, _grad_block(grad2d, span, buf))
+        return out.view(groups, BINS)
+
+    @staticmethod
+    def grad(
+        grad: torch.Tensor, weight: torch.Tensor, slope_path: torch.Tensor, groups: int, chunk: int
+    ) -> torch.Tensor:
+        # D and H side by side: one 8-byte gather per weight instead of two 4-byte ones
+        pair64 = slope_path.contiguous().view(torch.float64).view(-1)
+        out = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+        blocks = _Blocks(weight, groups, chunk)
+        grad2d, gbuf = grad.reshape(groups, -1), blocks.scratch(torch.float32)
+        dh_buf = blocks.scratch(torch.float64)
+        vbuf = None if weight.dtype == torch.float32 else blocks.scratch(torch.float32)
+        for part, span, rows in blocks:
+            n = rows.numel()
+            g = _grad_block(grad2d, span, gbuf)
+            dh = torch.index_select(pair64, 0, rows, out=dh_buf[:n]).view(torch.float32)
+            dh = dh.view(n, 2)
+            if vbuf is None:
+                torch.addcmul(dh[:, 1], g, dh[:, 0], out=out[part])
+            else:
+                out[part].copy_(torch.addcmul(dh[:, 1], g, dh[:, 0], out=vbuf[:n]))
+        return out.view(weight.shape)
 
 
-def table_values(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The fp32 value of each of the 65,536 patterns of ``dtype``; NaN/Inf patterns read 0.
+class Bins(Protocol):
+    """The four operations, as ``TorchBins`` and ``unique_triton.TritonBins`` implement them."""
 
-    Non-finite patterns never occur in a weight (the callers reject them), and a 0 there keeps
-    0 * value finite in the weighted sums.
-
-    Example:
-        >>> table_values(torch.bfloat16)[0x3F80].item()
-        1.0
-    """
-    if dtype not in SIXTEEN_BIT:
-        raise ValueError(f"table_values needs bf16 or fp16, got {dtype}")
-    bits = torch.arange(BINS, dtype=torch.int32, device=device)
-    bits = torch.where(bits >= BINS // 2, bits - BINS, bits).to(torch.int16)
-    values = bits.view(dtype).float()
-    return torch.where(torch.isfinite(values), values, torch.zeros_like(values))
-
-
-def bit_histogram_ref(weight: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
-    """Reference histogram: (G, 65536) int32 count of each bit pattern in each group."""
-    groups = lut_groups(weight.shape, group_size)
-    keys = bit_keys(weight, group_size)
-    counts = torch.zeros(groups * BINS, dtype=torch.int32, device=weight.device)
-    counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-    return counts.view(groups, BINS)
-
-
-def gather_table_ref(
-    table: torch.Tensor, weight: torch.Tensor, group_size: int | None = None
-) -> torch.Tensor:
-    """Reference gather: ``table.view(-1)[keys]`` shaped like the weight, in table's dtype."""
-    return table.reshape(-1)[bit_keys(weight, group_size)].view(weight.shape)
-
-
-def scatter_bins_ref(
-    grad: torch.Tensor, weight: torch.Tensor, group_size: int | None = None
-) -> torch.Tensor:
-    """Reference scatter-add: (G, 65536) fp32 sum of ``grad`` over each bit pattern's weights."""
-    groups = lut_groups(weight.shape, group_size)
-    out = torch.zeros(groups * BINS, dtype=torch.float32, device=weight.device)
-    out.index_add_(0, bit_keys(weight, group_size), grad.reshape(-1).float())
-    return out.view(groups, BINS)
-
-
-def unique_grad_ref(
-    grad: torch.Tensor,
-    weight: torch.Tensor,
-    slope_path: torch.Tensor,
-    group_size: int | None = None,
-) -> torch.Tensor:
-    """Reference per-weight backward ``g*D[b] + H[b]`` from a (G, 65536, 2) [D, H] table."""
-    keys = bit_keys(weight, group_size)
-    table = slope_path.reshape(-1, 2)
-    dw = grad.reshape(-1).float() * table[keys, 0] + table[keys, 1]
-    return dw.view(weight.shape).to(weight.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Engines: the references above on CPU, the Triton kernels on CUDA / under the interpreter
-# ----------------------------------------------------------------------------------------------
-
-
-class BinEngine(Protocol):
-    """The four per-weight operations of the uniquified path."""
-
-    def histogram(self, weight: torch.Tensor, group_size: int | None) -> torch.Tensor: ...
+    def histogram(self, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor: ...
 
     def gather(
-        self, table: torch.Tensor, weight: torch.Tensor, group_size: int | None
+        self, table: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int
     ) -> torch.Tensor: ...
 
     def scatter(
-        self, grad: torch.Tensor, weight: torch.Tensor, group_size: int | None
+        self, grad: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int
     ) -> torch.Tensor: ...
 
     def grad(
@@ -163,111 +227,77 @@ class BinEngine(Protocol):
         grad: torch.Tensor,
         weight: torch.Tensor,
         slope_path: torch.Tensor,
-        group_size: int | None,
+        groups: int,
+        chunk: int,
     ) -> torch.Tensor: ...
 
 
-class TorchBinEngine:
-    """The references as an engine (fixed shapes: runs under FakeTensorMode too)."""
-
-    def histogram(self, weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
-        return bit_histogram_ref(weight, group_size)
-
-    def gather(
-        self, table: torch.Tensor, weight: torch.Tensor, group_size: int | None
-    ) -> torch.Tensor:
-        return gather_table_ref(table, weight, group_size)
-
-    def scatter(
-        self, grad: torch.Tensor, weight: torch.Tensor, group_size: int | None
-    ) -> torch.Tensor:
-        return scatter_bins_ref(grad, weight, group_size)
-
-    def grad(
-        self,
-        grad: torch.Tensor,
-        weight: torch.Tensor,
-        slope_path: torch.Tensor,
-        group_size: int | None,
-    ) -> torch.Tensor:
-        return unique_grad_ref(grad, weight, slope_path, group_size)
-
-
-def bin_engine_for(backend: Backend, tensor: torch.Tensor) -> BinEngine:
-    """The Triton bin kernels when ``backend`` selects them for ``tensor``, else the references.
+def bins_for(backend: str) -> Bins:
+    """The implementation behind a resolved ``backend`` ("torch" or "triton").
 
     Example:
-        >>> type(bin_engine_for("torch", torch.zeros(1))).__name__
-        'TorchBinEngine'
+        >>> type(bins_for("torch")).__name__
+        'TorchBins'
     """
-    if use_triton(backend, tensor):
-        from edkm.kernels.unique_triton import TritonBinEngine  # imports triton
+    if backend == "triton":
+        from edkm.kernels.unique_triton import TritonBins  # imports triton
 
-        return TritonBinEngine()
-    return TorchBinEngine()
+        return TritonBins()
+    if backend == "torch":
+        return TorchBins()
+    raise ValueError(f"the per-weight ops take backend 'torch' or 'triton', got {backend!r}")
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function
+# Custom ops: one op per pass, opaque to torch.compile / FSDP2, with fake (meta) shapes
 # ----------------------------------------------------------------------------------------------
 
 
-def _present_values(dtype: torch.dtype, counts: torch.Tensor) -> torch.Tensor:
-    """(G, 65536) table rows: each pattern's value where it occurs in the group, else 0.
+def _define(
+    name: str, method: str, tensors: str, fake: Callable[..., torch.Tensor]
+) -> torch.library.CustomOpDef:
+    """Register ``edkm::<name>(<tensors>, int groups, str backend, int chunk) -> Tensor``.
 
-    Absent patterns carry no weight (count 0), but bf16 patterns reach 3e38, whose squared
-    distance to a centroid overflows and would turn 0 * inf into NaN in the weighted sums.
+    Its implementation is ``bins_for(backend).<method>(*tensors, groups, chunk)``; ``fake``
+    gives the output's shape and dtype from ``(*tensors, groups)``, for FakeTensor / meta
+    tensors and tracing (no data-dependent shapes).
     """
-    values = table_values(dtype, counts.device)
-    return torch.where(counts > 0, values, torch.zeros_like(values))
+    schema = f"({tensors}, int groups, str backend, int chunk) -> Tensor"
+
+    def impl(*args: Any) -> torch.Tensor:
+        *inputs, groups, backend, chunk = args
+        out: torch.Tensor = getattr(bins_for(backend), method)(*inputs, groups, chunk)
+        return out
+
+    op = torch.library.custom_op(f"edkm::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(lambda *args: fake(*args[:-2]))
+    return op
 
 
-class _UniqueDKM(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        weight: torch.Tensor,
-        centroids: torch.Tensor,
-        tau: torch.Tensor,
-        iters: int,
-        group_size: int | None,
-        engine: DKMEngine,
-        bins: BinEngine,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        groups = centroids.shape[0]
-        w = weight.detach().contiguous()
-        counts = bins.histogram(w, group_size)  # (G, 65536): the only O(N) pass of the k-means
-        values = _present_values(w.dtype, counts)
-        cs, s0s = run_implicit(engine, values, counts, centroids.detach().float(), tau, iters)
-        table = torch.empty((groups, BINS), dtype=w.dtype, device=w.device)
-        engine.soft(values, cs[-1], tau, table)  # T_u, rounded once to the weight dtype
-        soft = bins.gather(table, w, group_size)
-        ctx.save_for_backward(w, counts, cs, s0s, tau)
-        ctx.engines = (engine, bins)
-        ctx.group_size = group_size
-        ctx.centroid_dtype = centroids.dtype
-        return soft, cs[-1].clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g_soft: torch.Tensor | None, g_c: torch.Tensor | None) -> Any:
-        w, counts, cs, s0s, tau = ctx.saved_tensors
-        engine, bins = ctx.engines
-        groups = cs.shape[1]
-        g = torch.zeros_like(w) if g_soft is None else g_soft.contiguous()
-        binned = bins.scatter(g, w, ctx.group_size)  # G_u, (G, 65536) fp32
-        values = _present_values(w.dtype, counts)
-        slope = torch.empty((groups, BINS), dtype=torch.float32, device=w.device)
-        gc = engine.backward_final(values, cs[-1], tau, binned, slope, False)
-        if g_c is not None:
-            gc = gc + g_c.float()
-        path = torch.zeros((groups, BINS), dtype=torch.float32, device=w.device)
-        gc = backward_updates(engine, values, counts, cs, s0s, tau, gc, path)
-        grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_w = bins.grad(g, w, torch.stack((slope, path), -1), ctx.group_size)
-        grad_c = gc.to(ctx.centroid_dtype) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_c, None, None, None, None, None
+_histogram_op = _define(
+    "bit_histogram",
+    "histogram",
+    "Tensor weight",
+    lambda weight, groups: weight.new_empty((groups, BINS), dtype=torch.int32),
+)
+_gather_op = _define(
+    "gather_table",
+    "gather",
+    "Tensor table, Tensor weight",
+    lambda table, weight, groups: weight.new_empty(weight.shape, dtype=table.dtype),
+)
+_scatter_op = _define(
+    "scatter_bins",
+    "scatter",
+    "Tensor grad, Tensor weight",
+    lambda grad, weight, groups: weight.new_empty((groups, BINS), dtype=torch.float32),
+)
+_grad_op = _define(
+    "unique_grad",
+    "grad",
+    "Tensor grad, Tensor weight, Tensor slope_path",
+    lambda grad, weight, slope_path, groups: weight.new_empty(weight.shape),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,10 +305,29 @@ class _UniqueDKM(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check(weight: torch.Tensor, groups: int, backend: str, chunk: int) -> str:
+    """Check the arguments every op shares; returns the resolved backend."""
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    if groups < 1 or weight.numel() % groups:
+        raise ValueError(f"{groups} LUT group(s) do not divide the {weight.numel()} weights")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    resolved = resolve_backend(backend, weight)
+    if resolved == "triton" and weight.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernels take fp32, bf16 or fp16 weights, got {weight.dtype}")
+    return resolved
+
+
+def _check_like(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
 def bit_histogram(
-    weight: torch.Tensor, *, group_size: int | None = None, backend: Backend = "auto"
-) -> torch.Tensor:
-    """(G, 65536) int32 histogram of the bf16/fp16 bit patterns of each LUT group's weights.
+    weight: Tensor, groups: int = 1, *, backend: str = "auto", chunk: int = CHUNK
+) -> Tensor:
+    """(G, 65536) int32 count of each 16-bit pattern in each LUT group (op ``edkm::bit_histogram``).
 
     Example:
         >>> w = torch.tensor([[1.0, 1.0], [2.0, 1.0]], dtype=torch.float16)
@@ -286,66 +335,56 @@ def bit_histogram(
         >>> h[0, 0x3C00].item(), h[0, 0x4000].item()
         (3, 1)
     """
-    _check_16bit(weight)
-    return bin_engine_for(backend, weight).histogram(weight.detach().contiguous(), group_size)
+    resolved = _check(weight, groups, backend, chunk)
+    return _histogram_op(weight.detach(), groups, resolved, chunk)
 
 
 def gather_table(
-    table: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    group_size: int | None = None,
-    backend: Backend = "auto",
-) -> torch.Tensor:
-    """``table[group, bits(w)]`` for every weight: (G, 65536) table -> weight's shape, table dtype.
+    table: Tensor, weight: Tensor, groups: int = 1, *, backend: str = "auto", chunk: int = CHUNK
+) -> Tensor:
+    """``table[g, pattern(w_i)]`` in the weight's shape and the table's dtype (op
+    ``edkm::gather_table``); the values are moved bit-exactly.
 
     Example:
-        >>> w = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
-        >>> t = table_values(torch.bfloat16).view(1, -1) * 10
-        >>> gather_table(t, w).tolist()
-        [[10.0, 20.0]]
+        >>> t = torch.zeros(1, 65536); t[0, 0x3F80] = 5.0
+        >>> gather_table(t, torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)).tolist()
+        [[5.0, 0.0]]
     """
-    _check_16bit(weight)
-    groups = lut_groups(weight.shape, group_size)
-    if table.shape != (groups, BINS):
-        raise ValueError(f"table must have shape ({groups}, {BINS}), got {tuple(table.shape)}")
-    engine = bin_engine_for(backend, weight)
-    return engine.gather(table.contiguous(), weight.detach().contiguous(), group_size)
+    resolved = _check(weight, groups, backend, chunk)
+    _check_like("table", table, (groups, BINS))
+    return _gather_op(table.detach().contiguous(), weight.detach(), groups, resolved, chunk)
 
 
 def scatter_bins(
-    grad: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    group_size: int | None = None,
-    backend: Backend = "auto",
-) -> torch.Tensor:
-    """(G, 65536) fp32 sums of ``grad`` over the weights of each bit pattern (G_u).
+    grad: Tensor, weight: Tensor, groups: int = 1, *, backend: str = "auto", chunk: int = CHUNK
+) -> Tensor:
+    """(G, 65536) fp32 sum of ``grad`` over the weights of each table row (``G_u``; op
+    ``edkm::scatter_bins``).
 
     Example:
         >>> w = torch.tensor([[1.0, 1.0, 2.0]], dtype=torch.bfloat16)
         >>> scatter_bins(torch.tensor([[1.0, 2.0, 4.0]]), w)[0, 0x3F80].item()
         3.0
     """
-    _check_16bit(weight)
-    if grad.shape != weight.shape:
-        raise ValueError(f"grad shape {tuple(grad.shape)} != weight shape {tuple(weight.shape)}")
-    engine = bin_engine_for(backend, weight)
-    return engine.scatter(grad.contiguous(), weight.detach().contiguous(), group_size)
+    resolved = _check(weight, groups, backend, chunk)
+    _check_like("grad", grad, tuple(weight.shape))
+    return _scatter_op(grad.detach(), weight.detach(), groups, resolved, chunk)
 
 
 def unique_grad(
-    grad: torch.Tensor,
-    weight: torch.Tensor,
-    slope_path: torch.Tensor,
+    grad: Tensor,
+    weight: Tensor,
+    slope_path: Tensor,
+    groups: int = 1,
     *,
-    group_size: int | None = None,
-    backend: Backend = "auto",
-) -> torch.Tensor:
-    """The fused per-weight backward ``g*D[b] + H[b]`` in the weight's dtype.
+    backend: str = "auto",
+    chunk: int = CHUNK,
+) -> Tensor:
+    """The fused per-weight backward ``g_i * D[b_i] + H[b_i]`` in the weight's dtype (op
+    ``edkm::unique_grad``).
 
-    ``slope_path`` is (G, 65536, 2): D (local slope) and H (per-copy centroid-path gradient) of
-    every table row, interleaved so that one 8-byte gather fetches both.
+    ``slope_path`` is (G, 65536, 2) fp32: the local slope D and the per-copy centroid-path
+    gradient H of every table row, interleaved so that one 8-byte gather fetches both.
 
     Example:
         >>> w = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
@@ -353,50 +392,11 @@ def unique_grad(
         >>> unique_grad(torch.tensor([[3.0, 3.0]]), w, dh).tolist()
         [[7.0, 0.0]]
     """
-    _check_16bit(weight)
-    groups = lut_groups(weight.shape, group_size)
-    if slope_path.shape != (groups, BINS, 2) or slope_path.dtype != torch.float32:
-        raise ValueError(f"slope_path must be fp32 of shape ({groups}, {BINS}, 2)")
-    if grad.shape != weight.shape:
-        raise ValueError(f"grad shape {tuple(grad.shape)} != weight shape {tuple(weight.shape)}")
-    engine = bin_engine_for(backend, weight)
-    return engine.grad(
-        grad.contiguous(), weight.detach().contiguous(), slope_path.contiguous(), group_size
+    resolved = _check(weight, groups, backend, chunk)
+    _check_like("grad", grad, tuple(weight.shape))
+    _check_like("slope_path", slope_path, (groups, BINS, 2))
+    if slope_path.dtype != torch.float32:
+        raise ValueError(f"slope_path must be fp32, got {slope_path.dtype}")
+    return _grad_op(
+        grad.detach(), weight.detach(), slope_path.detach().contiguous(), groups, resolved, chunk
     )
-
-
-def unique_dkm(
-    weight: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    tau: float | torch.Tensor,
-    iters: int,
-    group_size: int | None = None,
-    backend: Backend = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniquified DKM of bf16/fp16 weights: cost of the k-means independent of N.
-
-    Same contract as ``edkm.dkm.soft.dkm_soft`` (soft weight in the weight's dtype, final centroids
-    (G, K) fp32, gradients to the weight and the initial centroids). Memory saved for backward:
-    the (G, 65536) histogram and O(T*K) centroids, besides the weight itself. Callers check that
-    weights are finite (``dkm_soft_triton`` does).
-
-    Example:
-        >>> w = (torch.randn(64, 32) * 0.02).to(torch.bfloat16).requires_grad_()
-        >>> c = torch.tensor([[-0.02, 0.0, 0.02, 0.04]])
-        >>> soft, c_new = unique_dkm(w, c, tau=4e-5, iters=2)
-        >>> soft.dtype, c_new.dtype
-        (torch.bfloat16, torch.float32)
-    """
-    _check_16bit(weight)
-    groups = lut_groups(weight.shape, group_size)
-    check_centroids(centroids, groups)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    if groups * BINS >= 1 << 31:
-        raise ValueError(f"too many LUT groups for 32-bit table rows: {groups}")
-    engine = engine_for(backend, weight)
-    bins = bin_engine_for(backend, weight)
-    t = temperatures(tau, groups, weight.device)
-    soft, c = _UniqueDKM.apply(weight, centroids, t, int(iters), group_size, engine, bins)
-    return soft, c

@@ -1,40 +1,53 @@
-"""Triton kernels of the uniquified path: histogram, gather, scatter-add and fused backward.
+"""Triton kernels of the uniquified DKM's per-weight ops: histogram, gather, scatter-add, fused
+backward.
 
-Imported only when the Triton bin engine is used (``unique.bin_engine_for``), so that
+Imported only when an op runs with ``backend="triton"`` (``unique.bins_for``), so that
 ``TRITON_INTERPRET`` can be set before these ``@triton.jit`` decorators run. The pure-PyTorch
-references are in ``unique`` (``bit_histogram_ref``, ``gather_table_ref``, ``scatter_bins_ref``,
-``unique_grad_ref``); read them first.
+implementation they are held to is ``unique.TorchBins``; read it first.
 
-Every kernel reads each weight's 16-bit pattern as int16 (2 B/weight) and turns it into the table
-row ``group * 65536 + bits``. The histogram and the scatter-add aggregate inside a block before
-touching global memory, so a popular bin (zero, or a weight repeated all over the tensor) costs
-one atomic per block rather than one per weight: the block's rows are sorted (bitonic network in
-registers), equal rows form runs, a ``tl.histogram`` over run ids counts each run (a block-local
-partial histogram), and only the first (or last) lane of each run issues the global atomic.
+Every kernel reads each weight's bit pattern and turns it into the table row
+``group * 65536 + pattern``: 2 B/weight for bf16/fp16 weights, 4 B/weight for fp32 weights,
+rounded in registers to their bf16 pattern (to nearest even, as ``Tensor.to(torch.bfloat16)``
+does), so an fp32 weight never needs a bf16 copy. The histogram and the scatter-add aggregate
+inside a block before touching global memory, so a popular bin (zero, or a weight repeated all
+over the tensor) costs one atomic per block rather than one per weight: the block's rows are
+sorted (bitonic network in registers), equal rows form runs, a ``tl.histogram`` over run ids
+counts each run (a block-local partial histogram), and only the first (or last) lane of each run
+issues the global atomic.
 
 Example:
     >>> import torch
     >>> w = torch.randn(64, 64, device="cuda").to(torch.bfloat16)  # doctest: +SKIP
-    >>> TritonBinEngine().histogram(w, None).sum().item()  # doctest: +SKIP
+    >>> TritonBins().histogram(w, 1, 0).sum().item()  # doctest: +SKIP
     4096
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from edkm.kernels._common import interpreting, lut_groups, next_pow2
+from edkm.kernels._common import BINS, interpreting, next_pow2
 from edkm.kernels.triton_ops import cast_rne, check_launchable, sort_ascending
-
-BINS = 1 << 16
 
 
 @triton.jit
-def _table_rows(bits_ptr, offs, mask, group_elems):
-    """Table row of each weight: group * 65536 + its 16-bit pattern (2 B/weight read)."""
-    bits = tl.load(bits_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+def _table_rows(w_ptr, offs, mask, group_elems, FP32: tl.constexpr):
+    """Table row of each weight: group * 65536 + its 16-bit pattern.
+
+    With FP32 the weight is read as its int32 bit pattern (4 B/weight) and rounded to bf16 on
+    the bits: add half an ulp (ties to even) and keep the top 16 bits, in int64 so that no
+    pattern overflows; NaN becomes the canonical bf16 NaN 0x7FC0, as in PyTorch's cast.
+    """
+    if FP32:
+        x = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.int64) & 0xFFFFFFFF
+        rounded = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
+        bits = tl.where((x & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded).to(tl.int32)
+    else:
+        bits = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
     return (offs // group_elems).to(tl.int32) * 65536 + bits
 
 
@@ -50,13 +63,17 @@ def _runs(sorted_rows, BLOCK: tl.constexpr):
     return head, run, tl.gather(length, run, 0), tl.gather(start, run, 0)
 
 
+# Signatures: (weight bits, the kernel's own tensors, n, weights per group, table rows, constexprs).
+
+
 @triton.jit
 def _histogram_kernel(
-    bits_ptr, hist_ptr, n, group_elems, n_rows, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr
-):
+    w_ptr, hist_ptr, n, group_elems, n_rows,
+    FP32: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
+):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    rows = tl.where(mask, _table_rows(bits_ptr, offs, mask, group_elems), n_rows)
+    rows = tl.where(mask, _table_rows(w_ptr, offs, mask, group_elems, FP32), n_rows)
     rows = sort_ascending(rows.to(tl.int64), LOG_BLOCK).to(tl.int32)  # padding sorts last
     head, _run, length, _start = _runs(rows, BLOCK)
     # one 4 B atomic per distinct row in the block
@@ -65,13 +82,14 @@ def _histogram_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    bits_ptr, g_ptr, out_ptr, n, group_elems, n_rows, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr
-):
+    w_ptr, g_ptr, out_ptr, n, group_elems, n_rows,
+    FP32: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
+):  # fmt: skip
     base = tl.program_id(0).to(tl.int64) * BLOCK
     lane = tl.arange(0, BLOCK)
     offs = base + lane
     mask = offs < n
-    rows = tl.where(mask, _table_rows(bits_ptr, offs, mask, group_elems), n_rows)
+    rows = tl.where(mask, _table_rows(w_ptr, offs, mask, group_elems, FP32), n_rows)
     # sort (row, lane) pairs together: the low bits remember where each row came from
     packed = sort_ascending((rows.to(tl.int64) << LOG_BLOCK) | lane, LOG_BLOCK)
     rows = (packed >> LOG_BLOCK).to(tl.int32)
@@ -89,10 +107,12 @@ def _scatter_kernel(
 
 
 @triton.jit
-def _gather_kernel(bits_ptr, table_ptr, out_ptr, n, group_elems, BLOCK: tl.constexpr):
+def _gather_kernel(
+    w_ptr, table_ptr, out_ptr, n, group_elems, n_rows, FP32: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    rows = _table_rows(bits_ptr, offs, mask, group_elems)
+    rows = _table_rows(w_ptr, offs, mask, group_elems, FP32)
     # 2 B/weight gathered from a 128 KiB-per-group bf16 table (L2-resident), 2 B/weight written;
     # moved as raw integers so the copy is bit-exact whatever the value
     tl.store(out_ptr + offs, tl.load(table_ptr + rows, mask=mask, other=0), mask=mask)
@@ -100,11 +120,12 @@ def _gather_kernel(bits_ptr, table_ptr, out_ptr, n, group_elems, BLOCK: tl.const
 
 @triton.jit
 def _grad_kernel(
-    bits_ptr, g_ptr, dh_ptr, dw_ptr, n, group_elems, BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr
-):
+    w_ptr, g_ptr, dh_ptr, dw_ptr, n, group_elems, n_rows,
+    FP32: tl.constexpr, BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    rows = _table_rows(bits_ptr, offs, mask, group_elems).to(tl.int64)
+    rows = _table_rows(w_ptr, offs, mask, group_elems, FP32).to(tl.int64)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 2-4 B/weight read
     # one 8 B gather of the interleaved [D, H] row (both halves in the same sector)
     slope = tl.load(dh_ptr + 2 * rows, mask=mask, other=0.0)
@@ -123,69 +144,70 @@ def stream_block(n: int) -> int:
     return max(16, min(next_pow2(n), 1 << 16 if interpreting() else 1024))
 
 
-class TritonBinEngine:
-    """Launchers of the kernels above; same API as ``unique.TorchBinEngine``."""
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes as 16- or 32-bit integers (the kernels read bit patterns)."""
+    raw = {2: torch.int16, 4: torch.int32}.get(t.element_size())
+    if raw is None:
+        raise ValueError(f"the Triton kernels move 16- or 32-bit values, got {t.dtype}")
+    return t.view(raw)
+
+
+def _launch(
+    kernel: Any, block: int, weight: torch.Tensor, groups: int, *args: Any, **meta: Any
+) -> None:
+    """Launch ``kernel(weight bits, *args, n, group_elems, n_rows, ...)`` over weight blocks."""
+    check_launchable(kernel, weight)
+    if groups * BINS >= 1 << 31:
+        raise ValueError(f"too many LUT groups for 32-bit table rows: {groups}")
+    w = weight.contiguous()
+    n = w.numel()
+    kernel[(triton.cdiv(n, block),)](
+        _raw(w), *args, n, max(1, n // groups), groups * BINS,
+        FP32=w.dtype == torch.float32, BLOCK=block, **meta,
+    )  # fmt: skip
+
+
+class TritonBins:
+    """Launchers of the kernels above; same API as ``unique.TorchBins`` (``chunk`` unused)."""
 
     @staticmethod
-    def _layout(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int, int]:
-        check_launchable(_gather_kernel, weight)
-        groups = lut_groups(weight.shape, group_size)
-        if not weight.is_contiguous():
-            raise ValueError("the Triton bin kernels need a contiguous weight")
-        n = weight.numel()
-        return weight.view(torch.int16), n, max(1, n // groups)
-
-    def histogram(self, weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
-        bits, n, group_elems = self._layout(weight, group_size)
-        groups = lut_groups(weight.shape, group_size)
+    def histogram(weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
         hist = torch.zeros((groups, BINS), dtype=torch.int32, device=weight.device)
         block = sort_block()
-        _histogram_kernel[(triton.cdiv(n, block),)](
-            bits, hist, n, group_elems, groups * BINS,
-            BLOCK=block, LOG_BLOCK=block.bit_length() - 1, num_warps=8,
+        _launch(
+            _histogram_kernel, block, weight, groups, hist,
+            LOG_BLOCK=block.bit_length() - 1, num_warps=8,
         )  # fmt: skip
         return hist
 
-    def scatter(
-        self, grad: torch.Tensor, weight: torch.Tensor, group_size: int | None
-    ) -> torch.Tensor:
-        bits, n, group_elems = self._layout(weight, group_size)
-        groups = lut_groups(weight.shape, group_size)
+    @staticmethod
+    def scatter(grad: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
         out = torch.zeros((groups, BINS), dtype=torch.float32, device=weight.device)
         block = sort_block()
-        _scatter_kernel[(triton.cdiv(n, block),)](
-            bits, grad.contiguous(), out, n, group_elems, groups * BINS,
-            BLOCK=block, LOG_BLOCK=block.bit_length() - 1, num_warps=8,
+        _launch(
+            _scatter_kernel, block, weight, groups, grad.contiguous(), out,
+            LOG_BLOCK=block.bit_length() - 1, num_warps=8,
         )  # fmt: skip
         return out
 
-    def gather(
-        self, table: torch.Tensor, weight: torch.Tensor, group_size: int | None
-    ) -> torch.Tensor:
-        bits, n, group_elems = self._layout(weight, group_size)
-        raw = {2: torch.int16, 4: torch.int32}.get(table.element_size())
-        if raw is None:
-            raise ValueError(f"the Triton gather moves 16- or 32-bit values, got {table.dtype}")
+    @staticmethod
+    def gather(table: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
         out = torch.empty(weight.shape, dtype=table.dtype, device=weight.device)
-        block = stream_block(n)
-        _gather_kernel[(triton.cdiv(n, block),)](
-            bits, table.contiguous().view(raw), out.view(raw), n, group_elems,
-            BLOCK=block, num_warps=4,
+        block = stream_block(weight.numel())
+        _launch(
+            _gather_kernel, block, weight, groups, _raw(table.contiguous()), _raw(out),
+            num_warps=4,
         )  # fmt: skip
         return out
 
+    @staticmethod
     def grad(
-        self,
-        grad: torch.Tensor,
-        weight: torch.Tensor,
-        slope_path: torch.Tensor,
-        group_size: int | None,
+        grad: torch.Tensor, weight: torch.Tensor, slope_path: torch.Tensor, groups: int, chunk: int
     ) -> torch.Tensor:
-        bits, n, group_elems = self._layout(weight, group_size)
-        dw = torch.empty_like(weight)
-        block = stream_block(n)
-        _grad_kernel[(triton.cdiv(n, block),)](
-            bits, grad.contiguous(), slope_path.contiguous(), dw, n, group_elems,
-            BLOCK=block, BF16_BY_BITS=interpreting(), num_warps=4,
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        block = stream_block(weight.numel())
+        _launch(
+            _grad_kernel, block, weight, groups, grad.contiguous(), slope_path.contiguous(), dw,
+            BF16_BY_BITS=interpreting(), num_warps=4,
         )  # fmt: skip
         return dw

@@ -35,6 +35,10 @@ Mode = Literal["soft", "hard"]
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
+    from edkm.dkm.unique import is_symbolic
+
+    if is_symbolic(weight):  # FakeTensor / meta: there are no values to check
+        return
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise InputError(
@@ -60,6 +64,9 @@ class DKMLinear(nn.Module):
 
     It holds the original ``weight``/``bias`` Parameters (same objects, same names) plus the
     buffers ``centroids`` (G, K) fp32 and ``tau_base`` (G,) fp32. Build it with ``palettize_``.
+    ``centroids``, when given, are the first centroids instead of an initialisation from the
+    weight's values (``spec.init``); that is how a layer whose weight has no values (a
+    FakeTensor, as the memory ablation measures full-size layers) is built.
 
     Example:
         >>> layer = DKMLinear(nn.Linear(8, 4), DKMConfig(bits=1).global_spec(), "demo")  # doctest: +SKIP
@@ -70,7 +77,14 @@ class DKMLinear(nn.Module):
     centroids: torch.Tensor
     tau_base: torch.Tensor
 
-    def __init__(self, linear: nn.Linear, spec: LayerSpec, name: str) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        spec: LayerSpec,
+        name: str,
+        *,
+        centroids: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         from edkm.dkm.centroids import init_centroids
 
@@ -91,19 +105,26 @@ class DKMLinear(nn.Module):
         self.group_size = spec.group_size
         self.iters = spec.iters
         self.method = spec.method
+        self.backend = spec.backend
         self.tau_relative = spec.tau
         self.tau_scale = 1.0
         self.mode: Mode = "soft"
         # centroids the last training forward started from (for checkpoint recomputation)
         self._last_start: torch.Tensor | None = None
-        with torch.no_grad():
-            centroids = init_centroids(
-                self.weight.detach().float(),
-                spec.bits,
-                method=spec.init,
-                group_size=spec.group_size,
-                seed=spec.seed,
+        want = (spec.num_groups(out_features), spec.num_centroids)
+        if centroids is not None and tuple(centroids.shape) != want:
+            raise InputError(
+                f"layer '{name}': centroids must have shape {want}, got {tuple(centroids.shape)}"
             )
+        with torch.no_grad():
+            if centroids is None:
+                centroids = init_centroids(
+                    self.weight.detach().float(),
+                    spec.bits,
+                    method=spec.init,
+                    group_size=spec.group_size,
+                    seed=spec.seed,
+                )
             # clamp: a constant group has variance 0, and tau 0 would divide by zero
             var = _group_variance(self.weight, spec.group_size)
             tau_base = spec.tau * var.clamp_min(torch.finfo(torch.float32).tiny)
@@ -166,6 +187,7 @@ class DKMLinear(nn.Module):
                     tau=self.tau,
                     iters=self.iters,
                     method=self.method,
+                    backend=self.backend,
                     group_size=self.group_size,
                     out_dtype=out_dtype,
                 )

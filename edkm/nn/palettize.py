@@ -1,4 +1,40 @@
-"""Wrap a model's Linear weights with DKM (``palettize_``) and turn them into LUTs (``finalize``).
+"""The palettized layer's lifecycle, one state machine: ``palettize_``, ``finalize`` and back.
+
+```
+nn.Linear
+   | palettize_
+   v
+DKMLinear(soft | hard)                  set_mode(model, "soft" | "hard")
+   | finalize                           hard assignment to the LUT rounded to fp16
+   v
+PalettizedLinear(frozen) <-------------+
+   | lut_trainable_(True)              | lut_trainable_(False)
+   | swap_in_luts                      | bake_luts (the LUT rounds to fp16)
+   v                                   |
+PalettizedLinear(LUT trainable) -------+
+
+PalettizedLinear(frozen) --save_palettized--> folder --load_palettized--> PalettizedLinear(frozen)
+PalettizedLinear(frozen) --densify_--> nn.Linear(dense) --undensify_--> PalettizedLinear(frozen)
+folder --load_palettized(dense=True)--> nn.Linear(dense) --save_palettized--> folder
+```
+
+- ``DKMLinear`` (:mod:`edkm.nn.dkm_linear`), the training state: the original ``weight`` and
+  ``bias`` Parameters plus the ``centroids``/``tau_base`` buffers. ``"soft"`` mode runs DKM in
+  forward; ``"hard"`` mode uses nearest-centroid weights with the centroids rounded to fp16, so it
+  evaluates exactly the model that ``finalize`` will produce.
+- ``PalettizedLinear`` (:mod:`edkm.nn.palettized_linear`), every state after ``finalize``: the
+  fp16 LUT and the bit-packed indices are the truth, the weight is ``LUT[indices]`` decoded in
+  forward (one layer at a time: the model never holds all its dense weights). Its LUT can be
+  made trainable (fp32 Parameter, indices fixed) for LUT fine-tuning
+  (:mod:`edkm.train.lut_tune`); freezing rounds it to fp16 again.
+- ``nn.Linear(dense)`` (:mod:`edkm.nn.dense`): the plain-torch exit, for tools that want
+  ordinary Linear layers. The palettes stay recorded on the model (outside the state_dict), so
+  ``save_palettized`` can write it again and ``undensify_`` can return to ``PalettizedLinear`` as
+  long as each weight is still ``LUT[indices]`` (both check).
+- The transitions of the folder are in :mod:`edkm.export`, those of LUT fine-tuning in
+  :mod:`edkm.train.lut_tune`.
+- :class:`~edkm.nn.palette.Palette` is the value form every transition passes around (LUT,
+  packed indices, bits, group size, shape).
 
 ``palettize_(model, config)`` swaps each selected ``nn.Linear`` for a ``DKMLinear`` in place.
 We swap modules rather than use ``torch.nn.utils.parametrize`` because a parametrization renames
@@ -9,17 +45,10 @@ wrapper adds two buffers that enter the state_dict: ``centroids`` (G, K) fp32, t
 warm start carries from step to step, and ``tau_base`` (G,), the absolute DKM temperature per
 LUT group (``tau * var(w_group)`` at wrap time; see ``edkm.config.dkm``).
 
-Forward, in ``"soft"`` mode, runs DKM (``edkm.dkm.soft.dkm_soft``) from the stored centroids and,
-in training mode, stores the new centroids (detached) for the next step: the warm start. DKM
-always runs in fp32 arithmetic with autocast disabled (clustering in bf16 would move the
-centroids by bf16 rounding steps); the matmul itself follows the ambient autocast. ``"hard"``
-mode uses nearest-centroid weights (centroids rounded to fp16, as ``finalize`` does), so it
-evaluates exactly the model that ``finalize`` will produce; it passes no gradient to the weight.
-
 ``finalize(model)`` snaps each LUT to fp16 (the checkpoint's LUT dtype), assigns each weight
-to its nearest LUT entry, overwrites the weight with ``LUT[indices]`` and swaps a plain
-``nn.Linear`` back in. What ``save_palettized`` needs (fp16 LUT, bit-packed indices, bits,
-group size) hangs off that Linear as the attribute ``palette``, outside the state_dict.
+to its nearest LUT entry and swaps in a frozen ``PalettizedLinear`` holding that LUT and the
+packed indices (state_dict keys ``NAME.lut`` and ``NAME.packed_indices`` instead of
+``NAME.weight``, as in the checkpoint file), keeping the same ``bias`` Parameter.
 
 Example:
     >>> import edkm
@@ -44,15 +73,17 @@ from edkm.errors import InputError
 from edkm.nn.bitpack import pack_indices, packed_size
 from edkm.nn.dkm_linear import DKMLinear, Mode, check_finite
 from edkm.nn.palette import Palette, lut_lookup
+from edkm.nn.palettized_linear import PalettizedLinear
 
 __all__ = [
     "DKMLinear",
     "LayerSummary",
     "Palette",
     "PalettizeSummary",
+    "PalettizedLinear",
     "dkm_layers",
     "finalize",
-    "finalized_linear",
+    "finalized_layers",
     "lut_lookup",
     "palettize_",
     "palettized_modules",
@@ -294,21 +325,23 @@ def set_mode(model: nn.Module, mode: Mode) -> None:
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Hard-assign every DKM layer and swap plain ``nn.Linear`` layers back in; returns model.
+    """Hard-assign every DKM layer and swap in a frozen ``PalettizedLinear``; returns model.
 
     Each LUT is first rounded to fp16 (the checkpoint's LUT dtype), then each weight takes its
-    nearest LUT entry, so the finalized weights equal those ``load_palettized`` rebuilds,
-    bit for bit. Every LUT group then holds at most 2**bits distinct values. The ``palette``
-    attribute of each returned Linear keeps the LUT and packed indices for ``save_palettized``.
+    nearest LUT entry, so the finalized layers decode exactly the weights of ``"hard"`` mode and
+    of ``load_palettized``, bit for bit. Every LUT group then holds at most 2**bits distinct
+    values. The unpacked indices seed each layer's index cache (see ``PalettizedLinear``).
 
     Example:
-        >>> import edkm
-        >>> model = edkm.finalize(model)  # doctest: +SKIP
-        >>> model.model.layers[0].mlp.up_proj.palette.bits  # doctest: +SKIP
-        3
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16,
+        ...     intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+        >>> _ = palettize_(model, DKMConfig(bits=3))
+        >>> layer = finalize(model).model.layers[0].mlp.up_proj
+        >>> type(layer).__name__, layer.bits, layer.lut.dtype, layer.weight.unique().numel() <= 8
+        ('PalettizedLinear', 3, torch.float16, True)
     """
-    layers = list(dkm_layers(model))
-    for name, layer in layers:
+    for name, layer in list(dkm_layers(model)):
         weight = layer.weight
         check_finite(weight.detach(), name)
         lut = layer.lut()
@@ -316,39 +349,28 @@ def finalize(model: nn.Module) -> nn.Module:
             raise InputError(f"layer '{name}': a centroid overflows fp16 (|c| > 65504)")
         with torch.no_grad():
             indices = layer.hard_indices()
-            palette = Palette(
-                lut=lut,
-                packed_indices=pack_indices(indices, layer.bits),
-                bits=layer.bits,
-                group_size=layer.group_size,
-                shape=(layer.out_features, layer.in_features),
-            )
-            weight.copy_(lut_lookup(lut.to(weight.dtype), indices, layer.group_size))
-        model.set_submodule(name, finalized_linear(weight, layer.bias, palette, layer.training))
+        palette = Palette(
+            lut=lut,
+            packed_indices=pack_indices(indices, layer.bits),
+            bits=layer.bits,
+            group_size=layer.group_size,
+            shape=(layer.out_features, layer.in_features),
+        )
+        final = PalettizedLinear.from_palette(
+            palette, bias=layer.bias, weight_dtype=weight.dtype, indices=indices
+        )
+        final.train(layer.training)
+        model.set_submodule(name, final)
     return model
 
 
-def finalized_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, palette: Palette, training: bool
-) -> nn.Linear:
-    """A plain ``nn.Linear`` on ``weight`` (= ``palette.dense``) carrying ``palette``.
-
-    This is the form ``finalize`` leaves each layer in and ``save_palettized`` expects; the
-    Parameters are used as they are (no copy).
+def finalized_layers(model: nn.Module) -> Iterator[tuple[str, PalettizedLinear]]:
+    """The ``PalettizedLinear`` layers of ``model`` (frozen or LUT trainable) as ``(name, module)``.
 
     Example:
-        >>> p = Palette(torch.zeros(1, 2, dtype=torch.float16), torch.zeros(1, dtype=torch.uint8),
-        ...             1, None, (2, 3))
-        >>> finalized_linear(nn.Parameter(torch.zeros(2, 3)), None, p, False).palette.bits
-        1
+        >>> list(finalized_layers(nn.Sequential(nn.Linear(2, 2))))
+        []
     """
-    out_features, in_features = weight.shape
-    linear = nn.Linear(
-        in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
-    )
-    # the caller's Parameters (or a None bias) are kept as they are
-    linear.weight = weight  # type: ignore[assignment]
-    linear.bias = bias  # type: ignore[assignment]
-    linear.palette = palette  # type: ignore[assignment]  # plain attribute, not state
-    linear.train(training)
-    return linear
+    for name, module in model.named_modules():
+        if isinstance(module, PalettizedLinear):
+            yield name, module

@@ -3,7 +3,7 @@
 Public API:
     SavedTensorOffload(*, min_bytes=1 << 20, host="cpu", device=None, pin_memory=None,
                        keep=(), offload_parameters=False, prefetch=2)
-        a context manager (and ``.attach(module)``) on ``saved_tensors_hooks``
+        a context manager (and ``.attach(module, keep_inputs=False)``) on ``saved_tensors_hooks``
     OffloadStats: bytes packed, bytes moved, copies avoided, peak host and device bytes
 
 Importing this package imports torch only, and never queries CUDA.

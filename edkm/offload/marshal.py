@@ -215,22 +215,34 @@ class SavedTensorOffload:
     def __exit__(self, *exc: object) -> None:
         self._stack.pop().__exit__(*exc)
 
-    def attach(self, module: nn.Module) -> _AttachHandle:
-        """Run ``module``'s forward inside these hooks (activation offload); ``.remove()`` undoes.
+    def attach(self, module: nn.Module, *, keep_inputs: bool = False) -> _AttachHandle:
+        """Run ``module``'s forward inside these hooks; ``.remove()`` (or ``with``) undoes it.
 
-        The exit hook runs even when the forward raises, so the hooks never leak.
+        With ``keep_inputs`` the tensors passed to the forward stay on the device when saved
+        (:meth:`add_keep`): only what the module itself creates and saves is offloaded (the
+        training path of a DKM layer); without it the inputs go too (activation offload of
+        whole decoder layers). The exit hook runs even when the forward raises, so the hooks
+        never leak.
 
         Example:
-            >>> h = SavedTensorOffload().attach(torch.nn.Linear(2, 2)); h.remove()
+            >>> lin = torch.nn.Linear(256, 256)
+            >>> off = SavedTensorOffload(min_bytes=0)
+            >>> with off.attach(lin, keep_inputs=True):
+            ...     lin(torch.randn(4, 256, requires_grad=True)).sum().backward()
+            >>> off.stats.tensors_offloaded, off.stats.tensors_kept   # input kept, weight kept
+            (0, 2)
         """
 
-        def enter(_m: nn.Module, _args: Any) -> None:
+        def enter(_m: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            if keep_inputs:
+                inputs = (*args, *kwargs.values())
+                self.add_keep(*(a for a in inputs if isinstance(a, torch.Tensor)))
             self.__enter__()
 
         def leave(_m: nn.Module, _args: Any, _out: Any) -> None:
             self.__exit__(None, None, None)
 
-        pre = module.register_forward_pre_hook(enter)
+        pre = module.register_forward_pre_hook(enter, with_kwargs=True)
         post = module.register_forward_hook(leave, always_call=True)
         return _AttachHandle(pre, post)
 

@@ -12,6 +12,11 @@ stopped and resumed ends with exactly the weights of an uninterrupted run on the
 SIGTERM and Ctrl-C finish the current step, write a checkpoint and raise
 :class:`TrainingInterrupted`.
 
+Marshaling (``OffloadConfig``, recipe section ``offload``): with ``enabled``, every DKM layer's
+forward runs under one :class:`edkm.offload.SavedTensorOffload` (:func:`offload_dkm_layers`),
+and each step's log record holds that step's offload counters under ``"offload"``
+(:func:`offload_summary` adds them up over a run).
+
 Example:
     >>> from edkm.train.loop import train
     >>> state = train(model, blocks, TrainConfig(steps=10), run_dir="runs/demo")  # doctest: +SKIP
@@ -32,9 +37,10 @@ from typing import Any
 
 import torch
 
-from edkm.config import TrainConfig
+from edkm.config import OffloadConfig, TrainConfig
 from edkm.io import atomic
-from edkm.nn.palettize import set_tau_scale
+from edkm.nn.palettize import palettized_modules, set_tau_scale
+from edkm.offload import SavedTensorOffload
 from edkm.progress import progress
 from edkm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from edkm.train.distill import distill_loss
@@ -216,6 +222,94 @@ def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractCont
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+# the offload counters written to the train log each step (OffloadStats fields)
+_OFFLOAD_COUNTS = (
+    "tensors_packed",
+    "tensors_offloaded",
+    "host_copies",
+    "copies_avoided",
+    "bytes_packed",
+    "bytes_offloaded",
+    "bytes_to_host",
+    "bytes_to_device",
+    "bytes_moved",
+)
+_OFFLOAD_PEAKS = ("peak_host_bytes", "peak_device_bytes")
+
+
+@contextlib.contextmanager
+def offload_dkm_layers(
+    model: torch.nn.Module, cfg: OffloadConfig
+) -> Iterator[SavedTensorOffload | None]:
+    """Run every DKM layer's forward under one offload hook (``None`` when not enabled).
+
+    The hooks are attached to each ``DKMLinear`` module (:meth:`SavedTensorOffload.attach`)
+    rather than around the whole model forward: what gets offloaded is exactly what the DKM
+    layers save (DKM's attention maps and k-means intermediates, the soft weight the matmul
+    keeps), while the rest of the network, and by default the layer's input (an activation a
+    plain Linear saves too, shared by q/k/v), stays as it is. Hooks around the whole model
+    would be activation offload of every layer, many times the traffic; a hook context inside
+    ``DKMLinear.forward`` would make the layer class carry offload state. Attached from here,
+    the layer stays free of offload logic, ``edkm.offload`` depends on nothing in edkm, and the
+    benchmark (``benchmarks/ablation.py``) measures this same function. The hooks are removed
+    on exit, also when training raises.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> with offload_dkm_layers(model, OffloadConfig()) as off:
+        ...     off is None
+        True
+    """
+    if not cfg.enabled:
+        yield None
+        return
+    offload = SavedTensorOffload(**cfg.hook_kwargs())
+    handles = [
+        offload.attach(layer, keep_inputs=not cfg.offload_inputs)
+        for _, layer in palettized_modules(model)
+    ]
+    try:
+        yield offload
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def offload_summary(records: list[dict[str, Any]]) -> dict[str, int] | None:
+    """The offload counters of a run: per-step counts added up, peaks maxed (None: no offload).
+
+    Example:
+        >>> offload_summary([{"offload": {"host_copies": 2, "peak_host_bytes": 8}},
+        ...                  {"offload": {"host_copies": 3, "peak_host_bytes": 5}}])
+        {'host_copies': 5, 'peak_host_bytes': 8, 'steps': 2}
+    """
+    steps = [r["offload"] for r in records if r.get("offload") is not None]
+    if not steps:
+        return None
+    out: dict[str, int] = {}
+    for step in steps:
+        for key, value in step.items():
+            if key in _OFFLOAD_PEAKS:
+                out[key] = max(out.get(key, 0), value)
+            else:
+                out[key] = out.get(key, 0) + value
+    out["steps"] = len(steps)
+    return out
+
+
+def read_log(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``train_log.jsonl`` in ``run_dir`` (one per step; empty if none).
+
+    Example:
+        >>> read_log("no/such/run")
+        []
+    """
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
 def train(
     model: torch.nn.Module,
     blocks: torch.Tensor,
@@ -226,10 +320,13 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     show_progress: bool = True,
     teacher: torch.nn.Module | None = None,
+    offload: OffloadConfig | None = None,
 ) -> TrainState:
     """Fine-tune a palettized model on ``(n, seq_len)`` token blocks; returns the final counters.
 
     ``run_dir`` receives ``train_log.jsonl`` (one JSON object per step) and ``checkpoints/``.
+    With ``offload`` enabled, the DKM layers' saved tensors go to host memory
+    (:func:`offload_dkm_layers`) and each log record carries the step's offload counters.
     With ``resume=True`` training continues from the newest checkpoint there. With
     ``cfg.distill > 0``, ``teacher`` (:func:`edkm.train.distill.make_teacher` of the model before
     palettization) is required: it is moved to the training device and only run forward.
@@ -266,12 +363,18 @@ def train(
         _SignalFlag() as flag,
         log_path.open("a") as log,
         progress(total=cfg.steps, desc="train", unit="step", disable=not show_progress) as bar,
+        offload_dkm_layers(model, offload or OffloadConfig()) as hooks,
     ):
         bar.update(state.step)
         while state.step < cfg.steps:
+            if hooks is not None:
+                hooks.reset_stats()
             record = _train_step(
                 model, blocks, cfg, state, optimizer, scheduler, accelerator, teacher
             )
+            if hooks is not None:
+                stats = hooks.stats.to_dict()
+                record["offload"] = {k: stats[k] for k in _OFFLOAD_COUNTS + _OFFLOAD_PEAKS}
             state.elapsed_s = time.perf_counter() - start_wall
             record["elapsed_s"] = round(state.elapsed_s, 3)
             log.write(json.dumps(record) + "\n")

@@ -7,15 +7,14 @@ format: the LUT entries themselves, with every weight's index fixed, and optiona
 parameters that are not palettized (norms; embeddings and biases too). The forward pass is
 exactly the finalized model's, so the loss it lowers is the shipped model's loss.
 
-``swap_in_luts(model)`` replaces each finalized Linear (one with a ``palette``) by a
-``LUTLinear`` holding the LUT as an fp32 Parameter and the indices as a uint8 buffer;
-``bake_luts(model)`` rounds the trained LUTs to fp16, writes ``weight = LUT[indices]`` and swaps
-plain Linear layers with an updated ``palette`` back in, so ``save_palettized`` and
-``load_palettized`` give bit-identical weights as after ``finalize``. ``tune_luts`` runs the
-whole phase with the DKM training loop (:func:`edkm.train.loop.train`): same data, distillation,
-progress, JSON-lines log and resumable checkpoints.
-
-The layer class and its LUT gather live in :mod:`edkm.nn.lut_linear`.
+This phase is a mode of the finalized layer (the state machine is drawn in
+:mod:`edkm.nn.palettize`). ``swap_in_luts(model)`` makes every frozen ``PalettizedLinear``'s LUT
+trainable (an fp32 Parameter, gradient through :func:`edkm.nn.lut_gather.lut_gather`, indices
+fixed); ``bake_luts(model)`` freezes them again, rounding each trained LUT to fp16, so
+``save_palettized`` and ``load_palettized`` give bit-identical weights as after ``finalize``.
+``tune_luts`` runs the whole phase with the DKM training loop (:func:`edkm.train.loop.train`):
+same data, distillation, progress, JSON-lines log and resumable checkpoints (the checkpoints
+hold the fp32 LUTs, so a resumed phase continues exactly).
 
 Example:
     >>> tune_luts(edkm.finalize(model), blocks, train_cfg, LUTTuneConfig(steps=24))  # doctest: +SKIP
@@ -26,15 +25,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from edkm.config import LUTTuneConfig, TrainConfig
 from edkm.errors import InputError
-from edkm.nn.lut_linear import LUTLinear
-from edkm.nn.palette import Palette, lut_lookup
-from edkm.nn.palettize import finalized_linear
+from edkm.nn.dense import undensify_
+from edkm.nn.palettize import finalized_layers
 from edkm.train.checkpoint import TrainState
 
 __all__ = [
@@ -46,56 +45,45 @@ __all__ = [
 
 
 def swap_in_luts(model: nn.Module) -> int:
-    """Replace every finalized Linear (one with a ``palette``) by a ``LUTLinear``; the count.
+    """Make the LUT of every frozen ``PalettizedLinear`` trainable; returns how many.
+
+    Layers densified by :func:`edkm.nn.dense.densify_` (``load_palettized(dense=True)``) are
+    first turned back into ``PalettizedLinear`` layers.
 
     Example:
-        >>> swap_in_luts(edkm.finalize(model))  # doctest: +SKIP
-        210
+        >>> from edkm.nn.palettized_linear import PalettizedLinear
+        >>> model = nn.Sequential(PalettizedLinear(4, 2, bits=1))
+        >>> swap_in_luts(model), model[0].lut_trainable, model[0].lut.dtype
+        (1, True, torch.float32)
     """
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and isinstance(getattr(module, "palette", None), Palette)
-    ]
-    for name in names:
-        linear = model.get_submodule(name)
-        assert isinstance(linear, nn.Linear)
-        lut_linear = LUTLinear(linear)
-        lut_linear.train(linear.training)
-        model.set_submodule(name, lut_linear)
-    return len(names)
+    undensify_(model)
+    layers = [layer for _, layer in finalized_layers(model) if not layer.lut_trainable]
+    for layer in layers:
+        layer.lut_trainable_(True)
+    return len(layers)
 
 
 def bake_luts(model: nn.Module) -> nn.Module:
-    """Round each ``LUTLinear``'s LUT to fp16 and swap a finalized ``nn.Linear`` back in.
+    """Freeze every trainable LUT again, rounded to fp16, as ``finalize`` leaves a layer.
 
-    The new Linear's weight is ``LUT16[indices]`` and its ``palette`` holds the new LUT and
-    the unchanged packed indices, as ``finalize`` leaves a layer (``save_palettized`` ready).
+    The indices are unchanged, so the frozen layers are exactly what ``save_palettized``
+    writes. A LUT entry that overflows fp16 is an ``InputError`` naming the layer.
 
     Example:
-        >>> model = bake_luts(model)  # doctest: +SKIP
+        >>> from edkm.nn.palettized_linear import PalettizedLinear
+        >>> model = nn.Sequential(PalettizedLinear(4, 2, bits=1).lut_trainable_())
+        >>> bake_luts(model)[0].lut_trainable, model[0].lut.dtype
+        (False, torch.float16)
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, LUTLinear)]
-    for name in names:
-        layer = model.get_submodule(name)
-        assert isinstance(layer, LUTLinear)
-        lut = layer.lut.detach().to(torch.float16)
-        if not bool(torch.isfinite(lut).all()):
-            raise InputError(f"layer '{name}': a trained LUT entry is not finite in fp16")
-        with torch.no_grad():
-            weight = lut_lookup(lut.to(layer.weight_dtype), layer.indices, layer.group_size)
-        palette = Palette(
-            lut=lut,
-            packed_indices=layer.packed_indices,
-            bits=layer.bits,
-            group_size=layer.group_size,
-            shape=(layer.out_features, layer.in_features),
-        )
-        weight_param = nn.Parameter(weight, requires_grad=False)
-        model.set_submodule(
-            name, finalized_linear(weight_param, layer.bias, palette, layer.training)
-        )
+    for name, layer in finalized_layers(model):
+        try:
+            layer.lut_trainable_(False)
+        except InputError as err:
+            raise InputError(f"layer '{name}': {err}") from None
     return model
+
+
+_PHASE_FIELDS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "checkpoint_every")
 
 
 def lut_train_config(train: TrainConfig, lut: LUTTuneConfig) -> TrainConfig:
@@ -112,24 +100,22 @@ def lut_train_config(train: TrainConfig, lut: LUTTuneConfig) -> TrainConfig:
     """
     if lut.steps < 1:
         raise ValueError("LUTTuneConfig.steps is 0: the LUT phase is off")
-    return dataclasses.replace(
-        train,
-        steps=lut.steps,
-        lr=lut.lr,
-        warmup_steps=lut.warmup_steps,
-        min_lr_ratio=lut.min_lr_ratio,
-        checkpoint_every=lut.checkpoint_every,
-        trainable="all",  # what trains is chosen by requires_grad (tune_luts)
-        tau_start=1.0,
-        tau_end=1.0,
-        seed=train.seed + 1,
-    )
+    # the fields both configs name alike come from the LUT phase's config
+    phase: dict[str, Any] = {name: getattr(lut, name) for name in _PHASE_FIELDS}
+    # what trains is chosen by requires_grad (tune_luts); no DKM temperature to anneal
+    fixed: dict[str, Any] = {
+        "trainable": "all",
+        "tau_start": 1.0,
+        "tau_end": 1.0,
+        "seed": train.seed + 1,
+    }
+    return dataclasses.replace(train, **phase, **fixed)
 
 
 def _choose_trainable(model: nn.Module, trainable: str) -> None:
     from edkm.train.loop import norm_parameters
 
-    keep = {id(m.lut) for m in model.modules() if isinstance(m, LUTLinear)}
+    keep = {id(m.lut) for _, m in finalized_layers(model) if m.lut_trainable}
     if trainable == "lut+norms":
         keep |= {id(p) for p in norm_parameters(model)}
     for p in model.parameters():
@@ -150,8 +136,8 @@ def tune_luts(
     """Fine-tune the LUTs of a finalized model (module docstring); returns it baked.
 
     ``run_dir`` receives the phase's ``train_log.jsonl`` and ``checkpoints/``; ``resume``
-    continues from the newest checkpoint there. The returned model is finalized again (plain
-    Linear layers with a ``palette``), ready for ``save_palettized``.
+    continues from the newest checkpoint there. The returned model's LUTs are frozen again
+    (fp16), ready for ``save_palettized``.
 
     Example:
         >>> model, state = tune_luts(edkm.finalize(model), blocks, TrainConfig(),

@@ -86,3 +86,41 @@ def test_text_shorter_than_one_window(tmp_path, capsys):
     )
     assert code == 0
     assert '"windows": 2' in capsys.readouterr().out
+
+
+def test_eval_reads_a_column_of_a_saved_dataset(tmp_path, capsys, monkeypatch):
+    import json
+
+    import datasets
+
+    from tests.conftest import make_tiny_llama
+    from tests.io.test_models import _save_tiny_with_tokenizer
+
+    monkeypatch.setenv("EDKM_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = tmp_path / "m"
+    _save_tiny_with_tokenizer(make_tiny_llama(), model_dir)
+    docs = ["t1 t2 t3 t4 t5", "t6 t7 t8 t9", "t2 t4 t6 t8 t1 t3"]
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(docs) + "\n")
+    folder = tmp_path / "dd"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"body": ["unused text"] * 2}),
+            "validation": datasets.Dataset.from_dict({"body": docs, "n": [1, 2, 3]}),
+        }
+    ).save_to_disk(str(folder))
+    common = ["eval", "--model", str(model_dir), "--split", "all", "--seq-len", "4", "--json"]
+    capsys.readouterr()
+    assert main([*common, "--data", str(txt)]) == 0
+    from_txt = json.loads(capsys.readouterr().out)
+    data = f"{folder}:validation"
+    assert main([*common, "--data", data, "--text-column", "body"]) == 0
+    from_dataset = json.loads(capsys.readouterr().out)
+    assert from_dataset["text_column"] == "body"
+    assert {k: from_dataset[k] for k in ("ppl", "tokens", "windows")} == {
+        k: from_txt[k] for k in ("ppl", "tokens", "windows")
+    }
+    for extra, message in [([], "no column 'text'"), (["--text-column", "n"], "holds int64")]:
+        assert main([*common, "--data", data, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "'body'" in err and len(err.strip().splitlines()) == 1

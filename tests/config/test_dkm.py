@@ -126,6 +126,16 @@ def test_dkm_config_round_trip_with_overrides(tmp_path):
         ({"tau": float("nan")}, "DKMConfig.tau: must be a finite number > 0"),
         ({"iters": 0}, "DKMConfig.iters: must be at least 1"),
         ({"init": "random"}, "DKMConfig.init: must be one of 'kmeans++', 'quantile'"),
+        (
+            {"method": "fast"},
+            "DKMConfig.method: must be one of 'auto', 'reference', 'unique', 'implicit'",
+        ),
+        ({"backend": "cuda"}, "DKMConfig.backend: must be one of 'auto', 'torch', 'triton'"),
+        ({"method": "triton"}, "DKMConfig.method: 'triton' is a backend now"),
+        (
+            {"module_type_configs": {"LlamaMLP": {"method": "triton"}}},
+            "DKMConfig.module_type_configs['LlamaMLP'].method: 'triton' is a backend now",
+        ),
         ({"granularity": "per_channel"}, "DKMConfig.granularity: must be one of"),
         ({"granularity": "per_grouped_channel"}, "DKMConfig.group_size: is required"),
         ({"group_size": 8}, "DKMConfig.group_size: needs granularity='per_grouped_channel'"),
@@ -153,6 +163,27 @@ def test_dkm_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ConfigError) as info:
         DKMConfig.from_dict(kwargs)
     assert str(info.value).startswith(message)
+
+
+def test_method_triton_message_says_what_to_write():
+    with pytest.raises(ConfigError) as info:
+        DKMConfig.from_yaml_str("method: triton\n")
+    message = str(info.value)
+    assert "\n" not in message and "write `backend: triton`" in message
+    cfg = DKMConfig.from_yaml_str("method: unique\nbackend: triton\n")
+    assert (cfg.method, cfg.backend) == ("unique", "triton")
+
+
+def test_backend_resolves_with_overrides():
+    cfg = DKMConfig(
+        method="unique",
+        backend="torch",
+        module_name_configs={"x": LayerOverride(method="implicit", backend="triton")},
+    )
+    assert (cfg.global_spec().method, cfg.global_spec().backend) == ("unique", "torch")
+    spec = cfg.resolve("x", ["Linear"], default=True)
+    assert spec is not None and (spec.method, spec.backend) == ("implicit", "triton")
+    assert DKMConfig().backend == "auto"
 
 
 def test_replace_revalidates():

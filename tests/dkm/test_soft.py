@@ -12,15 +12,13 @@ true centroid gradient is 0 while each method computes it as a cancellation of t
 of 1e25 for the fp32 reference against the fp64 oracle have been seen). Measured against the
 fp64 oracle with the fp32 reference's own error as the yardstick, such draws stay well posed:
 the bound grows with the problem's conditioning, not with any difference between methods.
-Clusters below ``edkm.dkm.unique.MIN_MASS`` count as empty in every dtype, so fp32 and fp64 agree
+Clusters below ``edkm.kernels._common.MIN_MASS`` count as empty in every dtype, so fp32 and fp64 agree
 on which clusters move (they did not when only an exact 0 counted: fp32 froze clusters whose
 fp64 mass was 1e-60, a 50% centroid difference that was neither method's fault).
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 import hypothesis.strategies as st
@@ -28,7 +26,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from edkm.dkm.soft import dkm_reference, dkm_soft
+from edkm.dkm.soft import choose_method, dkm_reference, dkm_soft
 from edkm.dkm.unique import unique_dkm
 
 NAMES = ("soft", "centroids", "grad_weight", "grad_centroids")
@@ -187,7 +185,7 @@ def test_subnormal_cluster_mass_counts_as_empty(method, monkeypatch):
     # for a zero upstream gradient) when only an exact 0 counted as empty.
     w = torch.full((20, 16), 0.5)
     c = torch.tensor([[0.5, 0.5 + 0.9899]])
-    import edkm.dkm.unique as U
+    import edkm.kernels._common as U  # where MIN_MASS is defined, read by every method
 
     _, c_t, gw, gc = run(dkm_soft, w, c, tau=0.01, iters=2, method=method)
     assert c_t[0].tolist() == [0.5, c[0, 1].item()]  # the far cluster keeps its centroid
@@ -330,24 +328,45 @@ def test_auto_is_unique_on_cpu():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_triton_method_dispatches_lazily(monkeypatch):
-    calls = []
+def test_backend_word_reaches_the_per_weight_ops(monkeypatch):
+    # ``backend`` picks the kernels of the per-weight ops; ``method`` the algorithm
+    import edkm.kernels.unique as KU
 
-    def fake_triton(weight, centroids, *, tau, iters, group_size):
-        calls.append((tuple(weight.shape), iters, group_size, tuple(tau.shape)))
-        return weight * 2, centroids + 1
+    seen: list[str] = []
+    real = KU.bins_for
 
-    fake = types.ModuleType("edkm.kernels")
-    fake.dkm_soft_triton = fake_triton  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edkm.kernels", fake)
-    w = torch.ones(4, 2)
-    soft, c_t = dkm_soft(w, torch.zeros(2, 2), tau=0.5, iters=3, method="triton", group_size=2)
-    assert calls == [((4, 2), 3, 2, (2,))]
-    assert soft.eq(2).all() and c_t.eq(1).all()
+    def spy(backend: str) -> Any:
+        seen.append(backend)
+        return real("torch")
 
-    monkeypatch.setitem(sys.modules, "edkm.kernels", types.ModuleType("edkm.kernels"))
-    with pytest.raises(NotImplementedError, match="dkm_soft_triton"):
-        dkm_soft(w, torch.zeros(1, 2), tau=0.5, iters=1, method="triton")
+    monkeypatch.setattr(KU, "bins_for", spy)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets "triton" resolve on CPU tensors
+    w, c = make_case((8, 4), 1, seed=2)
+    run(dkm_soft, w, c, tau=0.5, iters=1, method="unique", backend="triton")
+    assert seen == ["triton"] * 4  # histogram, gather; scatter-add, fused backward
+    seen.clear()
+    run(dkm_soft, w, c, tau=0.5, iters=1, method="unique", backend="torch")
+    assert seen == ["torch"] * 4
+
+
+def test_method_triton_is_gone_with_a_pointer():
+    with pytest.raises(ValueError, match="method must be one of"):
+        dkm_soft(torch.zeros(4, 4), torch.zeros(1, 2), tau=0.5, iters=1, method="triton")
+
+
+def test_choose_method():
+    big = torch.empty(512, 256, dtype=torch.bfloat16)  # 131,072 weights per tensor
+    assert choose_method(big, 1, backend="triton") == "unique"
+    # 32,768 weights per group < 65,536 table rows
+    assert choose_method(big, 4, backend="triton") == "implicit"
+    assert choose_method(big.float(), 1, backend="triton") == "implicit"
+    assert choose_method(big, 4, "unique", "triton") == "unique"
+    assert choose_method(big, 1, "implicit", "triton") == "implicit"
+    assert choose_method(big.float(), 1, "unique", "triton") == "unique"  # rounds to bf16
+    for weight, groups in ((big, 4), (big.float(), 1)):  # torch kernels: always uniquified
+        assert choose_method(weight, groups, backend="torch") == "unique"
+    with pytest.raises(ValueError, match="method"):
+        choose_method(big, 1, "fast")
 
 
 def test_fake_tensor_fixed_table_forward_backward():
@@ -384,6 +403,7 @@ def test_fake_tensor_fixed_table_forward_backward():
         ({"weight": torch.tensor([[0.0, float("nan")], [1.0, 2.0]])}, "non-finite"),
         ({"weight": torch.tensor([[0.0, float("inf")], [1.0, 2.0]])}, "non-finite"),
         ({"method_override": "fast"}, "method must be one of"),
+        ({"backend": "cuda"}, "backend must be one of"),
     ],
 )
 def test_clear_errors(method, kwargs, match):
@@ -403,3 +423,54 @@ def test_weights_beyond_bf16_range_are_non_finite_for_unique():
     w = torch.tensor([1.0, 3.4e38])  # finite in fp32, inf once rounded to bf16
     with pytest.raises(ValueError, match="non-finite"):
         dkm_soft(w, torch.tensor([[0.0, 1.0]]), tau=0.1, iters=1, method="unique")
+
+
+# ---- both algorithms on the Triton kernels (tests/kernels/conftest.py fixtures) -----------------
+
+
+def test_rejects_non_finite_and_unsupported_dtypes(device, triton_backend):
+    w = torch.randn(8, 8, device=device)
+    c = torch.zeros(1, 4, device=device)
+    w[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        dkm_soft(w, c, tau=1.0, iters=1, method="auto", backend=triton_backend)
+    w[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        dkm_soft(w.to(torch.bfloat16), c, tau=1.0, iters=1, method="unique", backend=triton_backend)
+    with pytest.raises(ValueError, match="float64"):
+        dkm_soft(
+            torch.zeros(8, 8, dtype=torch.float64, device=device),
+            c,
+            tau=1.0,
+            iters=1,
+            method="auto",
+            backend=triton_backend,
+        )
+
+
+TRITON_NAMES = ("soft", "centroids", "grad_weight", "grad_centroids")
+
+
+@pytest.mark.parametrize("method", ["unique", "implicit"])
+def test_methods_on_triton_match_reference(
+    make_inputs, run_dkm, error_rule, reference_dkm, triton_backend, method
+):
+    w, c, tau = make_inputs((48, 33), 12, 3, torch.bfloat16, seed=11)
+    kw = {"iters": 2, "group_size": 12}
+    truth = run_dkm(reference_dkm, w.double(), c.double(), tau=tau.double(), **kw)
+    same = run_dkm(reference_dkm, w, c, tau=tau, **kw)
+    out = run_dkm(dkm_soft, w, c, tau=tau, **kw, method=method, backend=triton_backend)
+    for name, o, t, s in zip(TRITON_NAMES, out, truth, same):
+        error_rule(name, o, t, s, 2e-6)
+
+
+def test_auto_method_on_fp32_weights_with_triton(
+    make_inputs, run_dkm, error_rule, reference_dkm, triton_backend
+):
+    w, c, tau = make_inputs((31, 29), None, 2, torch.float32, seed=12)
+    assert choose_method(w, 1, backend="triton") == "implicit"
+    truth = run_dkm(reference_dkm, w.double(), c.double(), tau=tau.double(), iters=3)
+    same = run_dkm(reference_dkm, w, c, tau=tau, iters=3)
+    out = run_dkm(dkm_soft, w, c, tau=float(tau), iters=3, method="auto", backend=triton_backend)
+    for name, o, t, s in zip(TRITON_NAMES, out, truth, same):
+        error_rule(name, o, t, s, 2e-6)

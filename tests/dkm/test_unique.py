@@ -1,5 +1,7 @@
-"""edkm.dkm.unique: the N-sized passes held to plain indexing, the two table forms, the closed-form
-local slope held to autograd, and the uniquified function's edge cases."""
+"""edkm.dkm.unique: the uniquified DKM engine. The pattern table and its two forms, the
+closed-form local slope held to autograd, the engine's edge cases, and the engine on both
+backends held to the reference DKM (the per-weight ops themselves: tests/kernels/test_unique.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import pytest
 import torch
 
 import edkm.dkm.unique as U
+from edkm.dkm.soft import dkm_soft
+from edkm.kernels._common import BINS
 
 
 @pytest.fixture(autouse=True)
@@ -24,77 +28,6 @@ def patterns(w: torch.Tensor) -> torch.Tensor:
     return w16.view(torch.int16).to(torch.int64) & 0xFFFF
 
 
-def ref_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
-    pat = patterns(w).reshape(groups, -1)
-    return (pat + torch.arange(groups).unsqueeze(1) * U.BINS).reshape(-1)
-
-
-CASES = [  # (shape, groups, chunk): chunks inside a group, spanning groups, uneven tails
-    ((7, 5), 1, U.CHUNK),
-    ((12, 10), 4, 7),
-    ((12, 10), 4, 64),
-    ((12, 10), 3, 1000),
-    ((1000,), 1, 333),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("shape", "groups", "chunk"), CASES)
-def test_passes_match_plain_indexing(shape, groups, chunk, dtype):
-    gen = torch.Generator().manual_seed(0)
-    w = (torch.randn(shape, generator=gen) * 3).to(dtype)
-    w.view(-1)[:3] = torch.tensor([0.0, -0.0, 1.0], dtype=dtype)  # both zeros, repeats
-    rows = ref_rows(w, groups)
-
-    counts = U.histogram(w, groups, chunk=chunk)
-    assert counts.dtype == torch.int32 and counts.shape == (groups, U.BINS)
-    expected = torch.bincount(rows, minlength=groups * U.BINS).view(groups, U.BINS)
-    assert torch.equal(counts.long(), expected)
-
-    table = torch.randn(groups, U.BINS, generator=gen)
-    soft = U.gather_table(table, w, groups, chunk=chunk)
-    assert soft.dtype == dtype and soft.shape == w.shape
-    assert torch.equal(soft.reshape(-1), table.reshape(-1).to(dtype)[rows])
-
-    g = torch.randn(shape, generator=gen).to(dtype)
-    bins = U.scatter_bins(g, w, groups, chunk=chunk)
-    expected_bins = torch.zeros(groups * U.BINS, dtype=torch.float64)
-    expected_bins.index_add_(0, rows, g.reshape(-1).double())
-    torch.testing.assert_close(bins.reshape(-1).double(), expected_bins, rtol=1e-6, atol=1e-5)
-
-    slope, shared = torch.randn(2, groups, U.BINS, generator=gen)
-    grad = U.weight_grad(g, w, slope, shared, groups, chunk=chunk)
-    expected_grad = torch.addcmul(
-        shared.reshape(-1)[rows], g.reshape(-1).float(), slope.reshape(-1)[rows]
-    )
-    assert grad.dtype == dtype
-    torch.testing.assert_close(grad.reshape(-1), expected_grad.to(dtype), rtol=0, atol=0)
-
-
-def test_non_contiguous_and_expanded_upstream_gradient():
-    w = torch.randn(6, 8).bfloat16()
-    g_expanded = torch.ones(()).expand(6, 8)
-    g_transposed = torch.randn(8, 6).t()
-    for g in (g_expanded, g_transposed):
-        bins = U.scatter_bins(g, w, 2, chunk=5)
-        expected = torch.zeros(2 * U.BINS).index_add_(0, ref_rows(w, 2), g.reshape(-1))
-        torch.testing.assert_close(bins.reshape(-1), expected)
-
-
-def test_block_rows_rounds_fp32_to_bf16_and_masks_sign():
-    w = torch.tensor([[1.0, -2.0, 1.00390625 + 1e-4, -0.0]])  # third rounds up to 1.0078125
-    rows = U.block_rows(w, 0)
-    assert rows.dtype == torch.int32
-    assert rows.tolist() == [[0x3F80, 0xC000, 0x3F81, 0x8000]]
-    assert U.block_rows(w, 2).tolist() == [[r + 2 * U.BINS for r in rows[0].tolist()]]
-
-
-def test_histogram_counts_beyond_fp32_integer_range():
-    n = (1 << 24) + 3  # fp32 accumulation would stop at 2^24
-    counts = U.histogram(torch.zeros(n, dtype=torch.bfloat16), 1)
-    assert int(counts[0, 0]) == n and int(counts.sum()) == n
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pattern_values_and_nonfinite_patterns(dtype):
     values = U.pattern_values(dtype)
@@ -106,7 +39,7 @@ def test_pattern_values_and_nonfinite_patterns(dtype):
 
 
 def _counts(values: list[list[float]], dtype=torch.bfloat16) -> torch.Tensor:
-    counts = torch.zeros(len(values), U.BINS, dtype=torch.int32)
+    counts = torch.zeros(len(values), BINS, dtype=torch.int32)
     for g, vals in enumerate(values):
         pat = patterns(torch.tensor(vals).to(dtype))
         counts[g].index_add_(0, pat, torch.ones_like(pat, dtype=torch.int32))
@@ -128,7 +61,7 @@ def test_compact_and_fixed_tables_agree():
         assert f == c
     values = torch.randn(2, 3)
     full = compact.expand(values)
-    assert full.shape == (2, U.BINS)
+    assert full.shape == (2, BINS)
     assert torch.equal(compact.reduce(full), torch.where(compact.n > 0, values, 0.0))
     assert torch.equal(fixed.expand(fixed.u), fixed.u)
 
@@ -226,3 +159,195 @@ def test_centroid_update_min_mass_rule():
         torch.tensor([[1.0, 0.0]])
     ).sum().backward()
     assert sub.grad is not None and torch.isfinite(sub.grad).all()
+
+
+def test_rows_and_pattern_values_decode_patterns():
+    from edkm.kernels.unique import block_rows
+
+    w = torch.tensor([[1.0, -2.0], [0.0, -0.0]], dtype=torch.bfloat16)
+    keys = block_rows(w, 0).reshape(-1).long()
+    assert keys.tolist() == [0x3F80, 0xC000, BINS + 0x0000, BINS + 0x8000]
+    values = U.pattern_values(torch.bfloat16)
+    assert torch.equal(values[keys % BINS].view(2, 2), w.float())
+    counts = torch.zeros(1, BINS, dtype=torch.int32)
+    counts[0, 0x3F80] = 1  # inf and NaN never occur in a weight (they raise): absent rows
+    u = U.build_table(counts, torch.bfloat16, compact=False).u
+    assert u[0, 0x7F80].item() == 0.0 and u[0, 0x7FC0].item() == 0.0  # inf and NaN read 0
+    h = U.pattern_values(torch.float16)
+    patterns_ = torch.arange(0, BINS, 97)
+    decoded = torch.where(patterns_ >= 1 << 15, patterns_ - BINS, patterns_).to(torch.int16)
+    expect = decoded.view(torch.float16).float()
+    torch.testing.assert_close(h[patterns_], expect, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- the engine on both backends, held to the reference DKM ------------------------------------
+
+NAMES = ("soft", "centroids", "grad_weight", "grad_centroids")
+REL_ATOL = 2e-6
+
+
+def _weights(kind: str, shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Weights with the value structure that stresses binning."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * 0.02
+    if kind == "ties":  # zeros, negative zeros and a popular value among random ones
+        flat = w.view(-1)
+        flat[::5] = 0.0
+        flat[1::7] = -0.0
+        flat[2::3] = 0.0123
+    elif kind == "few":  # five distinct values: huge runs inside every block
+        w = torch.tensor([-0.03, -0.01, 0.0, 0.01, 0.03])[torch.randint(0, 5, shape, generator=gen)]
+    elif kind == "wide":  # many distinct patterns across the exponent range
+        w = torch.randn(shape, generator=gen) * torch.exp2(
+            torch.randint(-12, 4, shape, generator=gen)
+        )
+    return w.to(dtype)
+
+
+# (kind, shape, group_size, bits, dtype) for the whole uniquified DKM
+DKM_CASES = [
+    ("plain", (37, 53), None, 3, torch.bfloat16),
+    ("ties", (64, 64), 16, 2, torch.float16),
+    ("few", (129, 31), None, 4, torch.bfloat16),
+    ("wide", (40, 7), 10, 1, torch.float16),
+]
+
+
+def _dkm_id(case: tuple) -> str:
+    kind, shape, gs, bits, dtype = case
+    return f"{kind}-{shape[0]}x{shape[1]}-g{gs}-b{bits}-{str(dtype).split('.')[-1]}"
+
+
+def _inputs(
+    case: tuple, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+    kind, shape, gs, bits, dtype = case
+    w = _weights(kind, shape, dtype, seed=7)
+    groups = 1 if gs is None else shape[0] // gs
+    flat = w.double().reshape(groups, -1)
+    q = torch.linspace(0.5 / 2**bits, 1 - 0.5 / 2**bits, 2**bits, dtype=torch.float64)
+    c = torch.quantile(flat, q, dim=1).T.contiguous().float()
+    c = c + torch.arange(2**bits) * 1e-4  # distinct centroids even when quantiles tie
+    tau = (0.05 * flat.var(dim=1, unbiased=False)).float()
+    return w.to(device), c.to(device), tau.to(device), gs
+
+
+def _unique(weight, centroids, **kw):
+    return dkm_soft(weight, centroids, method="unique", **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", DKM_CASES, ids=_dkm_id)
+def test_unique_dkm_matches_reference_dkm(
+    run_dkm, error_rule, reference_dkm, device, backend, case
+):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    w, c, tau, gs = _inputs(case, device)
+    kw = {"iters": 3, "group_size": gs}
+    truth = run_dkm(reference_dkm, w.double(), c.double(), tau=tau.double(), **kw)
+    same = run_dkm(reference_dkm, w, c, tau=tau, **kw)
+    out = run_dkm(_unique, w, c, tau=tau, **kw, backend=backend)
+    assert out[0].dtype == w.dtype and out[2].dtype == w.dtype
+    for name, o, t, s in zip(NAMES, out, truth, same):
+        error_rule(name, o, t, s, REL_ATOL)
+
+
+def test_unique_dkm_eight_bits(run_dkm, error_rule, reference_dkm, device, triton_backend):
+    # K = 256 centroids over the 65,536-row table: one iteration keeps the interpreter quick
+    gen = torch.Generator().manual_seed(8)
+    w = (torch.randn(48, 40, generator=gen) * 0.02).to(torch.bfloat16).to(device)
+    c = torch.linspace(-0.05, 0.05, 256).view(1, 256).to(device)
+    kw = {"tau": 2e-5, "iters": 1}
+    truth = run_dkm(reference_dkm, w.double(), c.double(), **kw)
+    same = run_dkm(reference_dkm, w, c, **kw)
+    out = run_dkm(_unique, w, c, **kw, backend=triton_backend)
+    for name, o, t, s in zip(NAMES, out, truth, same):
+        error_rule(name, o, t, s, REL_ATOL)
+
+
+def test_fp32_weights_on_both_backends_agree(run_dkm, device, triton_backend):
+    # fp32 weights: the Triton kernels round them to bf16 patterns in registers
+    w, c, tau, gs = _inputs(DKM_CASES[0], device)
+    w = (
+        w.float()
+        + torch.randn(w.shape, generator=torch.Generator().manual_seed(3)).to(device) * 1e-4
+    )
+    kw = {"tau": tau, "iters": 2, "group_size": gs}
+    a = run_dkm(_unique, w, c, **kw, backend="torch")
+    b = run_dkm(_unique, w, c, **kw, backend=triton_backend)
+    for name, x, y in zip(NAMES, a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_saved_memory_does_not_grow_with_weights():
+    # backward keeps the weight itself, the (G, 65536) histogram and O(T*K) vectors
+    c = torch.linspace(-0.04, 0.04, 8).view(1, 8).requires_grad_()
+
+    def saved_bytes(rows: int) -> int:
+        w = (torch.randn(rows, 64) * 0.02).to(torch.bfloat16).requires_grad_()
+        seen: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() != w.data_ptr():
+                seen.append(t.numel() * t.element_size())
+            return t
+
+        # what the forward saves for backward (the backward's own small table graph is
+        # transient: built and freed inside the backward call)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            soft = U.unique_dkm(w, c, tau=1e-4, iters=3, backend="torch")[0]
+        soft.float().sum().backward()
+        return sum(seen)
+
+    small, large = saved_bytes(16), saved_bytes(256)
+    assert small == large
+    assert large <= BINS * 4 + (2 * 3 + 1) * 8 * 4 + 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_runs_under_fake_tensor_mode(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    with FakeTensorMode():
+        w = torch.empty(256, 64, dtype=torch.bfloat16).requires_grad_()
+        c = torch.empty(2, 8).requires_grad_()
+        soft, c_t = dkm_soft(
+            w, c, tau=torch.ones(2), iters=2, group_size=128, method="unique", backend=backend
+        )
+        soft.float().sum().backward()
+        assert soft.shape == w.shape and c_t.shape == (2, 8)
+        assert w.grad is not None and c.grad is not None and c.grad.shape == (2, 8)
+
+
+def test_matches_dkm_soft_reference(run_dkm, device):
+    w, c, tau, gs = _inputs(DKM_CASES[0], device)
+    ref = run_dkm(dkm_soft, w, c, tau=tau, iters=3, group_size=gs, method="reference")
+    out = run_dkm(_unique, w, c, tau=tau, iters=3, group_size=gs, backend="torch")
+    for name, a, b in zip(NAMES, out, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-5, msg=name)
+
+
+def test_per_weight_passes_are_single_custom_ops():
+    # traced forward + backward: the four N-sized passes are one edkm op each, and the graph
+    # has no data-dependent shape (the fixed table)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(w: torch.Tensor, c: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        soft, c_t = dkm_soft(w, c, tau=0.01, iters=2, method="unique", backend="torch")
+        return torch.autograd.grad((soft.float() * g).sum() + c_t.sum(), (w, c))
+
+    w = torch.randn(32, 16).bfloat16().requires_grad_()
+    c = torch.linspace(-1, 1, 4).view(1, 4).requires_grad_()
+    graph = make_fx(step, tracing_mode="fake")(w, c, torch.randn(32, 16))
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    edkm_ops = sorted(t for t in targets if t.startswith("edkm."))
+    assert edkm_ops == [
+        "edkm.bit_histogram.default",
+        "edkm.gather_table.default",
+        "edkm.scatter_bins.default",
+        "edkm.unique_grad.default",
+    ], edkm_ops
+    assert not any(t.startswith(("aten.nonzero", "aten.unique", "aten._unique")) for t in targets)

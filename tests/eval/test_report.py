@@ -40,3 +40,41 @@ def test_markdown_rows_and_ratios(tmp_path):
     assert (tmp_path / "report.md").read_text() == md
     assert '"edkm_soft"' in (tmp_path / "report.json").read_text()
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_host_memory_figures_match_psutil():
+    import psutil
+
+    from edkm.eval.report import host_memory
+
+    mem = host_memory()
+    host = psutil.virtual_memory()
+    assert mem["host_total_mib"] == round(host.total / 2**20, 1)
+    # available memory and the RSS move while the test runs: compare within a margin
+    assert abs(mem["host_available_mib"] - host.available / 2**20) < 0.1 * host.total / 2**20
+    rss = psutil.Process().memory_info().rss / 2**20
+    assert 0 < mem["rss_mib"] <= mem["peak_rss_mib"]
+    assert abs(mem["rss_mib"] - rss) < max(64.0, 0.2 * rss)
+    assert mem["peak_rss_mib"] < mem["host_total_mib"]
+
+
+def test_report_prints_the_memory_figures(tmp_path):
+    import json
+
+    from edkm.eval.report import host_memory
+
+    report = {**_report(), "memory": {**host_memory(), "peak_cuda_allocated_mib": 12.5}}
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| memory | MiB |" in md
+    for label, key in [
+        ("process peak resident set (getrusage)", "peak_rss_mib"),
+        ("process resident set at the end (psutil)", "rss_mib"),
+        ("host memory, total (psutil)", "host_total_mib"),
+        ("host memory, available at the end (psutil)", "host_available_mib"),
+        ("CUDA peak allocated (torch)", "peak_cuda_allocated_mib"),
+    ]:
+        assert f"| {label} | {report['memory'][key]:,.0f} |" in md
+    assert json.loads((tmp_path / "report.json").read_text())["memory"] == report["memory"]
+    # a report written before these figures existed still renders
+    assert "| process peak resident set (getrusage) | 100 |" in render_markdown(_report())

@@ -15,14 +15,11 @@ from torch import nn
 import edkm
 from edkm.config import DKMConfig, LayerOverride
 from edkm.errors import InputError
-from edkm.export.palettized import (
-    META_FILE,
-    TENSORS_FILE,
-    PalettizedLinear,
-    load_palettized,
-    save_palettized,
-)
-from edkm.nn.palettize import finalize, palettize_
+from edkm.export.format import META_FILE, TENSORS_FILE
+from edkm.export.palettized import load_palettized, save_palettized
+from edkm.nn.dense import densify_
+from edkm.nn.palettize import finalize, palettize_, set_mode
+from edkm.nn.palettized_linear import PalettizedLinear
 from tests.conftest import make_tiny_llama
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -51,7 +48,7 @@ def saved(finalized, tmp_path_factory) -> Path:
 
 
 def _palettized_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if getattr(m, "palette", None) is not None]
+    return [n for n, m in model.named_modules() if isinstance(m, PalettizedLinear)]
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -135,30 +132,6 @@ def test_resave_of_loaded_models_is_identical(saved, tmp_path):
         assert all(torch.equal(again[k], original[k]) for k in original)
 
 
-def test_palettized_linear_keeps_fp16_lut_through_dtype_moves():
-    gen = torch.Generator().manual_seed(0)
-    layer = PalettizedLinear(8, 4, bits=2, bias=True)
-    layer.lut.copy_(torch.randn(1, 4, generator=gen).half())
-    layer.packed_indices.copy_(torch.randint(0, 256, (8,), generator=gen, dtype=torch.uint8))
-    lut = layer.lut.clone()
-    dense32 = layer.weight
-    layer.to(torch.bfloat16)
-    assert layer.lut.dtype == torch.float16 and torch.equal(layer.lut, lut)
-    assert layer.weight_dtype == torch.bfloat16 and layer.bias is not None
-    assert layer.bias.dtype == torch.bfloat16
-    assert torch.equal(layer.weight, lut.to(torch.bfloat16)[0][_unpacked(layer)])
-    assert layer(torch.ones(1, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
-    layer.float()
-    assert torch.equal(layer.weight, dense32)
-    assert layer.packed_bytes() == 8 + 8 and layer.dense_fp16_bytes() == 64
-
-
-def _unpacked(layer: PalettizedLinear) -> torch.Tensor:
-    from edkm.nn.bitpack import unpack_indices
-
-    return unpack_indices(layer.packed_indices, 2, 32).view(4, 8).long()
-
-
 def _bits(path: Path) -> int:
     return int(getattr(load_palettized(path).get_submodule("model.layers.0.mlp.up_proj"), "bits"))  # noqa: B009
 
@@ -199,6 +172,15 @@ def test_save_errors(tmp_path):
     with pytest.raises(InputError, match=r"still DKM-wrapped; call edkm.finalize"):
         save_palettized(model, tmp_path / "a")
     finalize(model)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():  # a finalized weight is decoded afresh: editing it changes nothing
+        o_proj.weight[0, 0] += 1.0
+    assert torch.equal(o_proj.weight, o_proj.to_palette().dense(o_proj.weight_dtype))
+    o_proj.lut_trainable_(True)
+    with pytest.raises(InputError, match=r"o_proj': its LUT is trainable; freeze it"):
+        save_palettized(model, tmp_path / "a")
+    o_proj.lut_trainable_(False)
+    densify_(model)  # the dense form holds weights that can change
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight[0, 0] += 1.0
     with pytest.raises(
@@ -255,6 +237,35 @@ def test_load_errors_name_the_file(saved, tmp_path):
         match=rf"'.*{TENSORS_FILE}': layer 'model.layers.1.self_attn.v_proj' has 767 index bytes, expected 768",
     ):
         load_palettized(path)
+
+
+def test_hard_mode_finalized_and_reloaded_weights_are_identical(tmp_path):
+    """The export invariant: hard-mode DKMLinear == finalized == saved and reloaded (atol=0),
+    with at most 2**bits distinct values per LUT group."""
+    cfg = DKMConfig(method="reference", bits=3, granularity="per_grouped_channel", group_size=32)
+    model = make_tiny_llama().to(torch.bfloat16)
+    palettize_(model, cfg)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    set_mode(model, "hard")
+    model.eval()
+    hard = {n: m.hard_weight() for n, m in model.named_modules() if hasattr(m, "hard_weight")}
+    with torch.no_grad():
+        hard_logits = model(input_ids=IDS).logits
+    finalize(model)
+    loaded: Any = load_palettized(save_palettized(model, tmp_path / "m"))
+    assert len(hard) == 14
+    for name, weight in hard.items():
+        final = model.get_submodule(name).weight
+        reloaded = loaded.get_submodule(name).weight
+        torch.testing.assert_close(final, weight, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded, weight, rtol=0, atol=0)
+        for group in weight.reshape(-1, 32 * weight.shape[1]):
+            assert group.unique().numel() <= 8, name
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, hard_logits)
+        assert torch.equal(loaded(input_ids=IDS).logits, hard_logits)
 
 
 def test_public_names_are_exported():

@@ -2,7 +2,8 @@
 
 ``TRITON_INTERPRET`` must be set before the kernels' ``@triton.jit`` decorators run; the kernel
 modules are imported lazily by ``edkm.kernels`` on the first Triton launch, which happens in
-these tests after this file has been imported.
+these tests after this file has been imported. ``tests/dkm/conftest.py`` shares these fixtures
+(the DKM engine's Triton backend is tested there).
 """
 
 from __future__ import annotations
@@ -101,6 +102,27 @@ def _run_dkm(
     loss.backward()
     assert w.grad is not None and c.grad is not None
     return soft.detach(), c_t.detach(), w.grad, c.grad
+
+
+def _reference_dkm(
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    iters: int,
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one reference DKM (``edkm.dkm.soft.dkm_reference``) with the kernels' keywords; it
+    computes in fp64 for fp64 inputs (the oracle), else in fp32 (the same-precision yardstick)."""
+    from edkm.dkm.soft import dkm_reference
+
+    groups = 1 if group_size is None else weight.shape[0] // group_size
+    return dkm_reference(weight, centroids, tau, iters, groups)
+
+
+@pytest.fixture
+def reference_dkm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    return _reference_dkm
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import torch
 
 from edkm.kernels import implicit_dkm
 from edkm.kernels._common import use_triton
-from edkm.kernels.implicit import dkm_reference
 from edkm.kernels.implicit_torch import TorchEngine, chunk_rows
 
 # (shape, group_size, bits, dtype): irregular and round shapes, per-tensor and grouped LUTs
@@ -35,11 +34,13 @@ def _case_id(case: tuple) -> str:
     return f"{shape[0]}x{shape[1]}-g{gs}-b{bits}-{str(dtype).split('.')[-1]}"
 
 
-def _check_against_reference(make_inputs, run_dkm, error_rule, case, seed, **kwargs) -> None:
+def _check_against_reference(
+    make_inputs, run_dkm, error_rule, reference_dkm, case, seed, **kwargs
+) -> None:
     shape, gs, bits, dtype = case
     w, c, tau = make_inputs(shape, gs, bits, dtype, seed)
-    truth = run_dkm(dkm_reference, w.double(), c.double(), tau=tau.double(), iters=3, group_size=gs)
-    same = run_dkm(dkm_reference, w, c, tau=tau, iters=3, group_size=gs)
+    truth = run_dkm(reference_dkm, w.double(), c.double(), tau=tau.double(), iters=3, group_size=gs)
+    same = run_dkm(reference_dkm, w, c, tau=tau, iters=3, group_size=gs)
     out = run_dkm(implicit_dkm, w, c, tau=tau, iters=3, group_size=gs, **kwargs)
     assert out[0].dtype == dtype and out[2].dtype == dtype
     assert out[1].dtype == torch.float32 and out[3].dtype == torch.float32
@@ -48,16 +49,22 @@ def _check_against_reference(make_inputs, run_dkm, error_rule, case, seed, **kwa
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_torch_engine_matches_reference(make_inputs, run_dkm, error_rule, case):
-    _check_against_reference(make_inputs, run_dkm, error_rule, case, seed=0, backend="torch")
+def test_torch_engine_matches_reference(make_inputs, run_dkm, error_rule, reference_dkm, case):
+    _check_against_reference(
+        make_inputs, run_dkm, error_rule, reference_dkm, case, seed=0, backend="torch"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_triton_kernels_match_reference(make_inputs, run_dkm, error_rule, triton_backend, case):
-    _check_against_reference(make_inputs, run_dkm, error_rule, case, seed=1, backend=triton_backend)
+def test_triton_kernels_match_reference(
+    make_inputs, run_dkm, error_rule, reference_dkm, triton_backend, case
+):
+    _check_against_reference(
+        make_inputs, run_dkm, error_rule, reference_dkm, case, seed=1, backend=triton_backend
+    )
 
 
-def test_chunked_engine_matches_one_chunk(make_inputs, run_dkm, error_rule):
+def test_chunked_engine_matches_one_chunk(make_inputs, run_dkm, error_rule, reference_dkm):
     # a tile of 256 elements forces 37*53*8/256 ~ 62 chunks, the last one ragged
     w, c, tau = make_inputs((37, 53), None, 3, torch.float32, seed=2)
     assert chunk_rows(1, w.numel(), 8, tile_elements=256) == 32
@@ -66,21 +73,23 @@ def test_chunked_engine_matches_one_chunk(make_inputs, run_dkm, error_rule):
     def chunked(weight, centroids, *, tau, iters):
         return _ImplicitDKM.apply(weight, centroids, tau, iters, 1, TorchEngine(tile_elements=256))
 
-    truth = run_dkm(dkm_reference, w.double(), c.double(), tau=tau.double(), iters=3)
+    truth = run_dkm(reference_dkm, w.double(), c.double(), tau=tau.double(), iters=3)
     one = run_dkm(implicit_dkm, w, c, tau=tau, iters=3, backend="torch")
     many = run_dkm(chunked, w, c, tau=tau, iters=3)
     for name, a, b, t in zip(NAMES, many, one, truth):
         error_rule(name, a, t, b, REL_ATOL)
 
 
-def test_empty_cluster_keeps_centroid_and_passes_gradient(run_dkm, triton_backend, device):
+def test_empty_cluster_keeps_centroid_and_passes_gradient(
+    run_dkm, reference_dkm, triton_backend, device
+):
     # a centroid far from every weight gets exactly zero assignment (exp underflows), so it is
     # kept; its gradient then only comes through the returned c_T
     gen = torch.Generator().manual_seed(3)
     w = (torch.randn(24, 10, generator=gen) * 0.02).to(device)
     c = torch.tensor([[-0.02, 0.0, 0.02, 5.0]], device=device)
     tau = 1e-5
-    ref = run_dkm(dkm_reference, w, c, tau=tau, iters=3)
+    ref = run_dkm(reference_dkm, w, c, tau=tau, iters=3)
     assert ref[1][0, 3].item() == 5.0
     for backend in ("torch", triton_backend):
         out = run_dkm(implicit_dkm, w, c, tau=tau, iters=3, backend=backend)
@@ -90,20 +99,22 @@ def test_empty_cluster_keeps_centroid_and_passes_gradient(run_dkm, triton_backen
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_zero_iterations_is_soft_assignment_only(make_inputs, run_dkm, error_rule, backend):
+def test_zero_iterations_is_soft_assignment_only(
+    make_inputs, run_dkm, error_rule, reference_dkm, backend
+):
     if backend == "triton":
         pytest.importorskip("triton")
     w, c, tau = make_inputs((16, 12), 4, 2, torch.float32, seed=4)
     kw = {"tau": tau, "iters": 0, "group_size": 4}
-    truth = run_dkm(dkm_reference, w.double(), c.double(), **{**kw, "tau": tau.double()})
-    ref = run_dkm(dkm_reference, w, c, **kw)
+    truth = run_dkm(reference_dkm, w.double(), c.double(), **{**kw, "tau": tau.double()})
+    ref = run_dkm(reference_dkm, w, c, **kw)
     out = run_dkm(implicit_dkm, w, c, **kw, backend=backend)
     assert torch.equal(out[1], c)  # no update: c_T is c_0
     for name, a, b, t in zip(NAMES, out, ref, truth):
         error_rule(name, a, t, b, REL_ATOL)
 
 
-def test_saved_memory_is_weight_plus_centroids():
+def test_saved_memory_is_weight_plus_centroids(reference_dkm):
     # O(N + T*K): the backward keeps the weight (no copy) and per-iteration K-vectors only,
     # while the reference keeps several N x K maps per iteration
     w = (torch.randn(64, 48) * 0.02).requires_grad_()
@@ -124,7 +135,7 @@ def test_saved_memory_is_weight_plus_centroids():
     lean = saved_bytes(lambda *a, **k: implicit_dkm(*a, **k, backend="torch"))
     k_vectors = (2 * iters + 1) * 8 * 4 + 4  # c_0..c_T, S0_0..S0_{T-1}, tau
     assert lean <= w.numel() * 4 + k_vectors
-    assert saved_bytes(dkm_reference) > iters * w.numel() * 8 * 4
+    assert saved_bytes(reference_dkm) > iters * w.numel() * 8 * 4
 
 
 def test_runs_under_fake_tensor_mode():

@@ -12,8 +12,10 @@ from edkm.errors import InputError
 from edkm.nn.palettize import (
     DKMLinear,
     Palette,
+    PalettizedLinear,
     dkm_layers,
     finalize,
+    finalized_layers,
     lut_lookup,
     palettize_,
     set_mode,
@@ -175,21 +177,28 @@ def test_finalize_gives_lut_weights(cfg):
     returned = finalize(model)
     assert returned is model
     assert not list(dkm_layers(model))
-    assert list(model.state_dict()) == keys  # no centroid buffers, no palette in the state
+    layers = dict(finalized_layers(model))
+    # no centroid buffers, no index cache in the state: each finalized weight is stored as its
+    # LUT and packed indices, the names the checkpoint file uses
+    expected = [k for k in keys if k.removesuffix(".weight") not in layers]
+    expected += [f"{n}.{b}" for n in layers for b in ("lut", "packed_indices")]
+    assert sorted(model.state_dict()) == sorted(expected)
     count = 0
     for name, module in model.named_modules():
-        palette = getattr(module, "palette", None)
-        if palette is None:
+        if not isinstance(module, PalettizedLinear):
             continue
         count += 1
-        assert type(module) is nn.Linear, name
+        assert type(module) is PalettizedLinear and not module.lut_trainable, name
+        palette = module.to_palette()
         assert isinstance(palette, Palette) and palette.lut.dtype == torch.float16
         assert palette.bits == cfg.bits and palette.group_size == cfg.group_size
+        assert module.bits == cfg.bits and module.group_size == cfg.group_size
         assert palette.lut.shape == (
             cfg.global_spec().num_groups(module.out_features),
             1 << cfg.bits,
         )
-        assert palette.packed_indices.numel() == (module.weight.numel() * cfg.bits + 7) // 8
+        numel = module.out_features * module.in_features
+        assert palette.packed_indices.numel() == (numel * cfg.bits + 7) // 8
         weight = module.weight.detach()
         assert torch.equal(weight, palette.dense(weight.dtype))
         assert torch.equal(
@@ -202,6 +211,20 @@ def test_finalize_gives_lut_weights(cfg):
         nearest = (groups.unsqueeze(-1) - lut.unsqueeze(1)).abs().min(-1).values
         assert torch.equal(nearest, torch.zeros_like(nearest))
     assert count == DECODER_LINEARS
+
+
+def test_finalize_keeps_the_bias_parameter_and_the_training_flag():
+    model = nn.Sequential(nn.Linear(16, 8, bias=True)).train()
+    model[0] = DKMLinear(model[0], DKMConfig(method="reference", bits=2).global_spec(), "0")
+    bias = model[0].bias
+    hard = model[0].hard_weight()
+    finalize(model)
+    layer = model[0]
+    assert isinstance(layer, PalettizedLinear) and layer.training
+    assert layer.bias is bias  # the same Parameter object
+    assert torch.equal(layer.weight, hard)
+    # the unpacked indices of the hard assignment seed the index cache
+    assert layer.index_cache is not None and torch.equal(layer.index_cache, layer.indices())
 
 
 def test_state_dict_round_trip_restores_centroids_exactly(tiny_llama):

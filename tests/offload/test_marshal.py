@@ -81,6 +81,22 @@ def test_attach_offloads_decoder_layers_with_identical_gradients(tiny_llama):
     assert off.stats.tensors_offloaded > 0 and off._stack == []
 
 
+def test_attach_keeps_the_inputs_when_asked():
+    """keep_inputs: a shared input (q/k/v read one) stays; without it, it makes one copy."""
+    lins = [torch.nn.Linear(32, 32) for _ in range(3)]
+    x = torch.randn(8, 32) * 1.0
+    counts = {}
+    for keep in (True, False):
+        off = SavedTensorOffload(min_bytes=0)
+        handles = [off.attach(lin, keep_inputs=keep) for lin in lins]
+        sum(lin(x).exp().sum() for lin in lins).backward()  # each saves x and exp's output
+        for h in handles:
+            h.remove()
+        counts[keep] = (off.stats.host_copies, off.stats.copies_avoided)
+    assert counts[True] == (0, 0)  # exp runs outside the layers; x and the weights stay
+    assert counts[False] == (1, 2)  # x: one host copy for three saves
+
+
 def test_views_of_one_storage_make_one_host_copy():
     base = torch.randn(64, 48, requires_grad=True) * 1.0  # non-leaf, 12 KiB storage
     views = [base, base.t(), base[3:10, 5:], base[:, ::3], base.view(-1)[7:]]

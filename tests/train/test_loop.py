@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import json
 import math
@@ -6,9 +7,19 @@ import pytest
 import torch
 
 import edkm
-from edkm.config import TrainConfig
+from edkm.config import OffloadConfig, TrainConfig
+from edkm.nn.palettize import dkm_layers
 from edkm.train.checkpoint import latest_checkpoint
-from edkm.train.loop import TrainingInterrupted, block_indices, lr_factor, tau_scale, train
+from edkm.train.loop import (
+    TrainingInterrupted,
+    block_indices,
+    lr_factor,
+    offload_dkm_layers,
+    offload_summary,
+    read_log,
+    tau_scale,
+    train,
+)
 from tests.conftest import make_tiny_llama
 
 
@@ -111,3 +122,39 @@ def test_bf16_autocast_only_where_the_device_runs_bf16(monkeypatch, native):
     assert y.dtype == (torch.bfloat16 if native else torch.float32)
     with train_mod._autocast(cpu, TrainConfig(autocast="off")):
         assert torch.nn.functional.linear(x, torch.randn(3, 8)).dtype == torch.float32
+
+
+def test_offloaded_training_is_exact_and_the_hooks_go_away(tmp_path):
+    """The default (uniquified) DKM under the offload hooks gives the plain run's weights."""
+    blocks = _blocks()
+    cfg = dataclasses.replace(CFG, steps=2, grad_accum=1, checkpoint_every=10)
+    runs = {}
+    for name, offload in (("plain", None), ("offload", OffloadConfig(enabled=True, min_bytes=0))):
+        model = _palettized()
+        train(model, blocks, cfg, run_dir=tmp_path / name, show_progress=False, offload=offload)
+        layers = [layer for _, layer in dkm_layers(model)]
+        assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+        runs[name] = (model.state_dict(), read_log(tmp_path / name))
+    (ref, log_ref), (got, log) = runs["plain"], runs["offload"]
+    assert ref.keys() == got.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert [r["loss"] for r in log] == [r["loss"] for r in log_ref]
+    assert offload_summary(log_ref) is None
+    total = offload_summary(log)
+    assert total is not None and total["steps"] == 2
+    assert total["host_copies"] == sum(r["offload"]["host_copies"] for r in log) > 0
+    assert total["bytes_to_device"] == total["bytes_to_host"]
+    assert total["peak_host_bytes"] == max(r["offload"]["peak_host_bytes"] for r in log) > 0
+
+
+def test_offload_hooks_attach_to_dkm_layers_only_and_detach_on_error():
+    model = _palettized()
+    hooked = []
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        offload_dkm_layers(model, OffloadConfig(enabled=True)) as off,
+    ):
+        assert off is not None
+        hooked = [m for m in model.modules() if m._forward_pre_hooks]
+        raise RuntimeError("boom")
+    assert hooked and hooked == [layer for _, layer in dkm_layers(model)]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

@@ -1,5 +1,6 @@
-"""Tests for edkm.train.lut_tune: the LUT gather against its reference, swap/bake exactness, the
-LUT phase lowering the shipped model's loss, what it trains, and resume inside compress."""
+"""Tests for edkm.train.lut_tune: swap/bake exactness, the LUT phase lowering the shipped model's
+loss, what it trains, and resume inside compress (the LUT gather is tested in
+tests/nn/test_lut_gather.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 import edkm
 from edkm.config import LUTTuneConfig, Recipe
 from edkm.errors import InputError
-from edkm.nn.lut_linear import LUTLinear, lut_gather, lut_gather_reference
+from edkm.nn.dense import densify_
+from edkm.nn.palettized_linear import PalettizedLinear
 from edkm.train.loop import TrainingInterrupted
 from edkm.train.lut_tune import bake_luts, lut_train_config, swap_in_luts, tune_luts
 from tests.conftest import make_tiny_llama
@@ -20,53 +22,6 @@ from tests.tiny_run import tiny_model_dir, tiny_recipe, tiny_text
 from tests.train.test_loop import CFG, _blocks
 
 LUT = LUTTuneConfig(steps=6, lr=1e-2, warmup_steps=1, trainable="lut", checkpoint_every=2)
-
-
-@pytest.mark.parametrize("group_size", [None, 1, 4])
-@pytest.mark.parametrize("shape", [(8, 5), (12, 31)])
-def test_gather_matches_the_reference(group_size, shape):
-    g = torch.Generator().manual_seed(0)
-    groups = 1 if group_size is None else shape[0] // group_size
-    lut = torch.randn(groups, 8, generator=g)
-    idx = torch.randint(0, 8, shape, generator=g, dtype=torch.uint8)
-    up = torch.randn(shape, generator=g)
-    for out_dtype in (torch.float32, torch.bfloat16):
-        a = lut.clone().requires_grad_(True)
-        b = lut.clone().requires_grad_(True)
-        wa = lut_gather(a, idx, group_size, out_dtype)
-        wb = lut_gather_reference(b, idx, group_size, out_dtype)
-        assert wa.dtype == out_dtype and torch.equal(wa, wb)
-        (wa.float() * up).sum().backward()
-        (wb.float() * up).sum().backward()
-        # the LUT gradient: the sum of the upstream gradients of the weights using each entry
-        oracle = torch.zeros(groups, 8, dtype=torch.float64)
-        rows = torch.arange(shape[0]) // (shape[0] if group_size is None else group_size)
-        grad_up = up.to(out_dtype).double()
-        oracle.index_put_((rows.unsqueeze(1).expand(shape), idx.long()), grad_up, accumulate=True)
-        torch.testing.assert_close(a.grad.double(), oracle, rtol=1e-5, atol=1e-5)
-        if out_dtype == torch.float32:  # the reference accumulates in bf16 otherwise
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_gather_saves_only_the_uint8_index_buffer_for_backward():
-    # the int64 flat indices (8 bytes per weight) must not stay alive until backward
-    lut = torch.randn(2, 8, requires_grad=True)
-    idx = torch.randint(0, 8, (6, 10), dtype=torch.uint8)
-    saved: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        w = lut_gather(lut, idx, group_size=3)
-    assert len(saved) == 1 and saved[0].dtype == torch.uint8
-    assert saved[0].data_ptr() == idx.data_ptr()  # the buffer itself, no copy
-    w.sum().backward()
-    counts = torch.stack(
-        [torch.bincount(idx[r * 3 : r * 3 + 3].long().reshape(-1), minlength=8) for r in range(2)]
-    )
-    torch.testing.assert_close(lut.grad, counts.float())
 
 
 def _finalized(seed=0, bits=3):
@@ -81,10 +36,12 @@ def test_swap_and_bake_without_training_change_nothing(tmp_path):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     weights = {
-        n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "palette")
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(m, PalettizedLinear)
     }
     assert swap_in_luts(model) == len(weights) == 14
-    assert all(isinstance(model.get_submodule(n), LUTLinear) for n in weights)
+    assert all(model.get_submodule(n).lut_trainable for n in weights)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
     bake_luts(model)
@@ -93,6 +50,28 @@ def test_swap_and_bake_without_training_change_nothing(tmp_path):
     edkm.save_palettized(model, tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(edkm.load_palettized(tmp_path / "m")(input_ids=ids).logits, before)
+
+
+def test_swap_takes_densified_layers_back_and_bake_names_an_overflowing_layer():
+    model = _finalized()
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, PalettizedLinear)}
+    densify_(model)  # the form load_palettized(dense=True) gives
+    assert swap_in_luts(model) == 14
+    assert all(model.get_submodule(n).lut_trainable for n in weights)
+    name = "model.layers.1.mlp.up_proj"
+    lut = model.get_submodule(name).lut
+    saved = lut.detach().clone()
+    with torch.no_grad():
+        lut[0, 0] = 1e6  # beyond fp16
+    with pytest.raises(InputError, match=rf"layer '{name}': a trained LUT entry is not finite"):
+        bake_luts(model)
+    with torch.no_grad():
+        lut.copy_(saved)
+    bake_luts(model)
+    for n, weight in weights.items():
+        layer = model.get_submodule(n)
+        assert isinstance(layer, PalettizedLinear) and not layer.lut_trainable
+        assert torch.equal(layer.weight, weight), n
 
 
 def _loss(model, blocks):
@@ -104,8 +83,9 @@ def test_tuning_lowers_the_shipped_loss_and_trains_only_the_luts(tmp_path):
     blocks = _blocks(4)
     model = _finalized()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "proj" not in k}
-    indices = {n: m.palette.indices() for n, m in model.named_modules() if hasattr(m, "palette")}
-    luts = {n: m.palette.lut.clone() for n, m in model.named_modules() if hasattr(m, "palette")}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PalettizedLinear)}
+    indices = {n: m.indices().clone() for n, m in layers.items()}
+    luts = {n: m.lut.clone() for n, m in layers.items()}
     loss_before = _loss(model, blocks)
     model, state = tune_luts(model, blocks, CFG, LUT, run_dir=tmp_path, show_progress=False)
     assert state.step == 6
@@ -117,10 +97,10 @@ def test_tuning_lowers_the_shipped_loss_and_trains_only_the_luts(tmp_path):
     changed = 0
     for name, idx in indices.items():
         layer = model.get_submodule(name)
-        assert torch.equal(layer.palette.indices(), idx)  # indices fixed
+        assert torch.equal(layer.indices(), idx)  # indices fixed
         assert layer.weight.unique().numel() <= 8
-        assert torch.equal(layer.weight, layer.palette.dense(layer.weight.dtype))
-        changed += not torch.equal(layer.palette.lut, luts[name])
+        assert torch.equal(layer.weight, layer.to_palette().dense(layer.weight.dtype))
+        changed += not torch.equal(layer.lut, luts[name])
     assert changed == len(indices)
     # what ships is what was trained
     edkm.save_palettized(model, tmp_path / "m")

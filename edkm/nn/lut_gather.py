@@ -1,9 +1,11 @@
-"""``LUTLinear``: a finalized layer whose LUT trains while its indices stay fixed.
+"""The LUT lookup with a gradient to the LUT: the fast path and its reference, side by side.
 
-The gradient of one LUT entry is the sum of the weight gradients of the weights that use it.
-``lut_gather`` computes it with one ``bincount`` per layer (the fast path);
-``lut_gather_reference`` is the same lookup in plain autograd indexing, and the tests hold the
-fast path to it.
+``W = LUT[group(row), index]``. The gradient of one LUT entry is the sum of the weight gradients
+of the weights that use it. :func:`lut_gather` computes it with one ``bincount`` per layer and
+saves only the layer's own uint8 index tensor for backward (the fast path);
+:func:`lut_gather_reference` is the same lookup in plain autograd indexing
+(:func:`edkm.nn.palette.lut_lookup`), and the tests hold the fast path to it. A LUT-trainable
+:class:`~edkm.nn.palettized_linear.PalettizedLinear` decodes its weight with :func:`lut_gather`.
 
 Example:
     >>> import torch
@@ -22,13 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from edkm.errors import InputError
-from edkm.nn.palette import Palette, lut_lookup
+from edkm.nn.palette import lut_lookup
 
-__all__ = ["LUTLinear", "lut_gather", "lut_gather_reference"]
+__all__ = ["lut_gather", "lut_gather_reference"]
 
 
 def _flat_indices(indices: torch.Tensor, k: int, group_size: int | None) -> torch.Tensor:
@@ -50,7 +49,7 @@ class _LUTGather(torch.autograd.Function):
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         flat = _flat_indices(indices, lut.shape[1], group_size)
-        # keep the layer's own (uint8) index buffer, not the int64 flat copy: saving costs
+        # keep the layer's own (uint8) index tensor, not the int64 flat copy: saving costs
         # nothing more than the module already holds; backward rebuilds the flat indices
         ctx.save_for_backward(indices)
         ctx.group_size = group_size
@@ -105,55 +104,3 @@ def lut_gather_reference(
     """
     out = lut.dtype if out_dtype is None else out_dtype
     return lut_lookup(lut.to(out), indices, group_size)
-
-
-class LUTLinear(nn.Module):
-    """A finalized Linear layer whose LUT trains while its indices stay fixed.
-
-    Parameters: ``lut`` (G, 2**bits) fp32 and the original ``bias``; buffer: ``indices``
-    (out, in) uint8. Forward builds ``LUT[indices]`` in the autocast dtype (or the original
-    weight's dtype) and applies it like ``nn.Linear``. Build it with :func:`swap_in_luts`.
-
-    Example:
-        >>> lin = nn.Linear(3, 2, bias=False)
-        >>> lin.palette = Palette(torch.zeros(1, 2, dtype=torch.float16),
-        ...     torch.zeros(1, dtype=torch.uint8), 1, None, (2, 3))
-        >>> LUTLinear(lin)(torch.ones(1, 3)).tolist()
-        [[0.0, 0.0]]
-    """
-
-    indices: torch.Tensor
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        palette = getattr(linear, "palette", None)
-        if not isinstance(palette, Palette):
-            raise InputError("LUT fine-tuning needs a finalized Linear layer (edkm.finalize)")
-        device = linear.weight.device
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.bits = palette.bits
-        self.group_size = palette.group_size
-        self.weight_dtype = linear.weight.dtype
-        self.packed_indices = palette.packed_indices  # unchanged by tuning: reused when baking
-        self.lut = nn.Parameter(palette.lut.to(device=device, dtype=torch.float32))
-        self.register_buffer("indices", palette.indices().to(device))
-        self.bias = linear.bias
-
-    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``LUT[indices]`` in ``dtype`` (default: the original weight's dtype)."""
-        return lut_gather(self.lut, self.indices, self.group_size, dtype or self.weight_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type
-        dtype = self.weight_dtype
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)  # the dtype the matmul would cast to
-        return F.linear(x, self.dense_weight(dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        group = "per_tensor" if self.group_size is None else f"group_size={self.group_size}"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, bits={self.bits}, {group}"
-        )
