@@ -100,7 +100,8 @@ def _validate(
 
 
 def _check_finite(weight: torch.Tensor) -> None:
-    if not is_symbolic(weight) and not bool(torch.isfinite(weight).all()):
+    # detached: isfinite decomposes into ops that autograd would record (saving the weight)
+    if not is_symbolic(weight) and not bool(torch.isfinite(weight.detach()).all()):
         raise ValueError("weight has non-finite values (NaN/inf); DKM cannot cluster them")
 
 
