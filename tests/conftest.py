@@ -34,3 +34,12 @@ def make_tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: small tensors, and a loaded machine makes torch's pool very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,14 +8,8 @@ import torch
 import edkm.dkm.centroids as C
 from edkm.dkm.centroids import hard_assign, init_centroids
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: small tensors, and a loaded machine makes torch's pool very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (tests/conftest.py): small tensors on a loaded machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_assign(w: torch.Tensor, c: torch.Tensor, group_size: int | None) -> torch.Tensor:

@@ -11,15 +11,10 @@ import torch
 import edkm.dkm.unique as U
 from edkm.dkm.soft import dkm_soft
 from edkm.kernels._common import BINS
+from tests.kernels.conftest import structured_weights
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: small tensors, and a loaded machine makes torch's pool very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (tests/conftest.py): small tensors on a loaded machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def patterns(w: torch.Tensor) -> torch.Tensor:
@@ -186,24 +181,6 @@ NAMES = ("soft", "centroids", "grad_weight", "grad_centroids")
 REL_ATOL = 2e-6
 
 
-def _weights(kind: str, shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Weights with the value structure that stresses binning."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=gen) * 0.02
-    if kind == "ties":  # zeros, negative zeros and a popular value among random ones
-        flat = w.view(-1)
-        flat[::5] = 0.0
-        flat[1::7] = -0.0
-        flat[2::3] = 0.0123
-    elif kind == "few":  # five distinct values: huge runs inside every block
-        w = torch.tensor([-0.03, -0.01, 0.0, 0.01, 0.03])[torch.randint(0, 5, shape, generator=gen)]
-    elif kind == "wide":  # many distinct patterns across the exponent range
-        w = torch.randn(shape, generator=gen) * torch.exp2(
-            torch.randint(-12, 4, shape, generator=gen)
-        )
-    return w.to(dtype)
-
-
 # (kind, shape, group_size, bits, dtype) for the whole uniquified DKM
 DKM_CASES = [
     ("plain", (37, 53), None, 3, torch.bfloat16),
@@ -222,7 +199,7 @@ def _inputs(
     case: tuple, device: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
     kind, shape, gs, bits, dtype = case
-    w = _weights(kind, shape, dtype, seed=7)
+    w = structured_weights(kind, shape, dtype, seed=7)
     groups = 1 if gs is None else shape[0] // gs
     flat = w.double().reshape(groups, -1)
     q = torch.linspace(0.5 / 2**bits, 1 - 0.5 / 2**bits, 2**bits, dtype=torch.float64)

@@ -133,3 +133,23 @@ def make_inputs() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tenso
 @pytest.fixture
 def run_dkm() -> Callable[..., tuple[torch.Tensor, ...]]:
     return _run_dkm
+
+
+def structured_weights(
+    kind: str, shape: tuple[int, int], dtype: torch.dtype, seed: int
+) -> torch.Tensor:
+    """Weights with the value structure that stresses binning."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * 0.02
+    if kind == "ties":  # zeros, negative zeros and a popular value among random ones
+        flat = w.view(-1)
+        flat[::5] = 0.0
+        flat[1::7] = -0.0
+        flat[2::3] = 0.0123
+    elif kind == "few":  # five distinct values: huge runs inside every block
+        w = torch.tensor([-0.03, -0.01, 0.0, 0.01, 0.03])[torch.randint(0, 5, shape, generator=gen)]
+    elif kind == "wide":  # many distinct patterns across the exponent range
+        w = torch.randn(shape, generator=gen) * torch.exp2(
+            torch.randint(-12, 4, shape, generator=gen)
+        )
+    return w.to(dtype)

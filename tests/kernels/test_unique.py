@@ -12,15 +12,10 @@ import torch
 import edkm.kernels.unique as U
 from edkm.kernels import bit_histogram, gather_table, scatter_bins, unique_grad
 from edkm.kernels._common import BINS
+from tests.kernels.conftest import structured_weights
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: small tensors, and a loaded machine makes torch's pool very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (tests/conftest.py): small tensors on a loaded machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def patterns(w: torch.Tensor) -> torch.Tensor:
@@ -107,24 +102,6 @@ def test_histogram_counts_beyond_fp32_integer_range():
 # ---- the Triton kernels against the torch implementation -----------------------------------------
 
 
-def _weights(kind: str, shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Weights with the value structure that stresses binning."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=gen) * 0.02
-    if kind == "ties":  # zeros, negative zeros and a popular value among random ones
-        flat = w.view(-1)
-        flat[::5] = 0.0
-        flat[1::7] = -0.0
-        flat[2::3] = 0.0123
-    elif kind == "few":  # five distinct values: huge runs inside every block
-        w = torch.tensor([-0.03, -0.01, 0.0, 0.01, 0.03])[torch.randint(0, 5, shape, generator=gen)]
-    elif kind == "wide":  # many distinct patterns across the exponent range
-        w = torch.randn(shape, generator=gen) * torch.exp2(
-            torch.randint(-12, 4, shape, generator=gen)
-        )
-    return w.to(dtype)
-
-
 BIN_CASES = [
     ("ties", (37, 53), None, torch.bfloat16),
     ("few", (64, 64), 16, torch.float16),
@@ -148,7 +125,7 @@ def _groups(shape: tuple[int, int], gs: int | None) -> int:
 @pytest.mark.parametrize("case", BIN_CASES, ids=_bin_id)
 def test_histogram_bit_exact(triton_backend, device, case):
     kind, shape, gs, dtype = case
-    w = _weights(kind, shape, dtype, seed=0).to(device)
+    w = structured_weights(kind, shape, dtype, seed=0).to(device)
     groups = _groups(shape, gs)
     ref = bit_histogram(w, groups, backend="torch")
     counted = torch.bincount(ref_rows(w, groups), minlength=groups * BINS).view(groups, BINS)
@@ -178,7 +155,7 @@ def test_fp32_rounding_in_the_kernels_is_pytorch_rounding(triton_backend, device
 @pytest.mark.parametrize("table_dtype", ["weight", "float32"])
 def test_gather_bit_exact(triton_backend, device, case, table_dtype):
     kind, shape, gs, dtype = case
-    w = _weights(kind, shape, dtype, seed=1).to(device)
+    w = structured_weights(kind, shape, dtype, seed=1).to(device)
     groups = _groups(shape, gs)
     gen = torch.Generator().manual_seed(2)
     tdt = dtype if table_dtype == "weight" else torch.float32
@@ -197,7 +174,7 @@ def test_gather_bit_exact(triton_backend, device, case, table_dtype):
 @pytest.mark.parametrize("case", BIN_CASES, ids=_bin_id)
 def test_scatter_add_matches_fp64_sums(triton_backend, device, error_rule, case):
     kind, shape, gs, dtype = case
-    w = _weights(kind, shape, dtype, seed=3).to(device)
+    w = structured_weights(kind, shape, dtype, seed=3).to(device)
     gen = torch.Generator().manual_seed(4)
     g = torch.randn(shape, generator=gen).to(dtype).to(device)
     groups = _groups(shape, gs)
@@ -213,7 +190,7 @@ def test_scatter_add_matches_fp64_sums(triton_backend, device, error_rule, case)
 @pytest.mark.parametrize("case", BIN_CASES, ids=_bin_id)
 def test_fused_backward_matches_reference(triton_backend, device, error_rule, case):
     kind, shape, gs, dtype = case
-    w = _weights(kind, shape, dtype, seed=5).to(device)
+    w = structured_weights(kind, shape, dtype, seed=5).to(device)
     groups = _groups(shape, gs)
     gen = torch.Generator().manual_seed(6)
     g = torch.randn(shape, generator=gen).to(dtype).to(device)
