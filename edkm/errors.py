@@ -51,3 +51,15 @@ def check_bits(bits: object, name: str = "bits") -> int:
         raise InputError(f"{name} {why}")
     assert isinstance(bits, int)
     return bits
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for the
+    one-line errors that wrap a library's multi-line message.
+
+    Example:
+        >>> first_line(ValueError("bad file\\nmore detail")), first_line(KeyError())
+        ('bad file', 'KeyError')
+    """
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

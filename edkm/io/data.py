@@ -68,7 +68,7 @@ from typing import Any
 
 import torch
 
-from edkm.errors import InputError
+from edkm.errors import InputError, first_line
 from edkm.io.paths import cache_dir, existing_path, set_offline_env
 
 DEFAULT_DATA = "default"
@@ -205,14 +205,9 @@ def _dataset_errors(what: str) -> Iterator[Any]:
         cause: BaseException = err
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise InputError(f"cannot read {what}: {_first_line(cause)}") from err
+        raise InputError(f"cannot read {what}: {first_line(cause)}") from err
     finally:
         logging.set_verbosity(verbosity)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _names(names: Any) -> str:

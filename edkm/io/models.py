@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from edkm.errors import InputError
+from edkm.errors import InputError, first_line
 from edkm.io import atomic
 from edkm.io.paths import cache_dir, existing_path, set_offline_env
 
@@ -144,17 +144,12 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a tokenizer from '{spec}': {_first_line(err)}") from err
+        raise InputError(f"cannot load a tokenizer from '{spec}': {first_line(err)}") from err
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"cannot load a causal LM from '{spec}': {_first_line(err)}") from err
+        raise InputError(f"cannot load a causal LM from '{spec}': {first_line(err)}") from err
     if device is not None:
         model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
