@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from edkm.dkm.unique import centroid_update, is_symbolic, soft_assign, unique_dkm
-from edkm.kernels._common import BACKENDS, BINS, SIXTEEN_BIT, resolve_backend
+from edkm.kernels._common import BACKENDS, BINS, SIXTEEN_BIT, check_centroids, resolve_backend
 from edkm.kernels.implicit import implicit_dkm
 
 __all__ = ["BACKENDS", "METHODS", "choose_method", "dkm_reference", "dkm_soft"]
@@ -79,12 +79,7 @@ def _validate(
                 f"group_size {group_size} does not divide the {weight.shape[0]} output channels"
             )
         groups = weight.shape[0] // group_size
-    if centroids.dim() != 2 or centroids.shape[0] != groups:
-        raise ValueError(
-            f"centroids must have shape ({groups}, K) for {groups} LUT group(s), "
-            f"got {tuple(centroids.shape)}"
-        )
-    k = centroids.shape[1]
+    k = check_centroids(centroids, groups)
     if k < 2 or k > 256 or k & (k - 1):
         raise ValueError(f"K = {k} centroids: bits must be in 1..8 (K a power of two, 2..256)")
     if not isinstance(iters, int) or iters < 0:
