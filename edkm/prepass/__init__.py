@@ -48,6 +48,7 @@ __all__ = [
     "load_structured",
     "read_manifests",
     "restructure",
+    "run_prepass",
     "save_structured",
 ]
 
@@ -58,6 +59,37 @@ _RESTRUCTURERS = {
     "prune": "edkm.prepass.prune:restructure",
     "slicegpt": "edkm.prepass.slicegpt:restructure",
 }
+# pre-pass name (as in ``edkm compress --prepass NAME:AMOUNT``) -> "module:function" running it
+# as ``function(model, tokenizer, calib, amount, *, seed) -> (model, manifest)``, where ``calib``
+# is an (n, seq_len) int64 tensor of token blocks from the training split (never held-out text)
+# and the returned model is the shrunk one (the input model may be changed in place).
+_RUNNERS = {
+    "prune": "edkm.prepass.prune:run_prepass",
+    "slice": "edkm.prepass.slicegpt:run_prepass",
+}
+
+
+def _resolve(target: str) -> Any:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_prepass(
+    name: str, model: Any, tokenizer: Any, calib: torch.Tensor, amount: float, *, seed: int = 0
+) -> tuple[Any, dict[str, Any]]:
+    """Run the pre-pass ``name`` (``"slice"`` or ``"prune"``): ``(shrunk model, manifest)``.
+
+    Example:
+        >>> run_prepass("squash", None, None, torch.zeros(1, 2), 0.2)
+        Traceback (most recent call last):
+        ...
+        edkm.errors.InputError: unknown pre-pass 'squash'; known: prune, slice
+    """
+    target = _RUNNERS.get(name)
+    if target is None:
+        raise InputError(f"unknown pre-pass {name!r}; known: {', '.join(sorted(_RUNNERS))}")
+    model, manifest = _resolve(target)(model, tokenizer, calib, amount, seed=seed)
+    return model, manifest
 
 
 def restructure(model: Any, manifests: Sequence[dict[str, Any]]) -> None:
@@ -73,8 +105,7 @@ def restructure(model: Any, manifests: Sequence[dict[str, Any]]) -> None:
             raise InputError(
                 f"unknown pre-pass manifest kind {kind!r}; known: {', '.join(sorted(_RESTRUCTURERS))}"
             )
-        module, func = target.split(":")
-        getattr(importlib.import_module(module), func)(model, manifest)
+        _resolve(target)(model, manifest)
 
 
 def read_manifests(config: dict[str, Any], file: str | os.PathLike[str]) -> list[dict[str, Any]]:
