@@ -283,14 +283,15 @@ def test_saved_memory_does_not_grow_with_weights():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_runs_under_fake_tensor_mode(backend):
+def test_runs_under_fake_tensor_mode(backend, device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if backend == "triton":
         pytest.importorskip("triton")
+    # on a CUDA machine the Triton backend takes CUDA tensors (the interpreter is off there)
     with FakeTensorMode():
-        w = torch.empty(256, 64, dtype=torch.bfloat16).requires_grad_()
-        c = torch.empty(2, 8).requires_grad_()
+        w = torch.empty(256, 64, dtype=torch.bfloat16, device=device).requires_grad_()
+        c = torch.empty(2, 8, device=device).requires_grad_()
         soft, c_t = dkm_soft(
             w, c, tau=torch.ones(2), iters=2, group_size=128, method="unique", backend=backend
         )
