@@ -99,16 +99,19 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
                 loader = spec.loader
-                exec_module = loader.exec_module
 
-                def exec_then_register(module: ModuleType) -> None:
+                def exec_then_register(
+                    module: ModuleType, exec_module: Any = loader.exec_module
+                ) -> None:
                     exec_module(module)
                     try:
                         _register_hf()
                     except Exception as err:  # never break transformers itself
                         import warnings
 
-                        warnings.warn(f"edkm: from_pretrained support not registered: {err}", stacklevel=2)
+                        warnings.warn(
+                            f"edkm: from_pretrained support not registered: {err}", stacklevel=2
+                        )
 
                 loader.exec_module = exec_then_register  # type: ignore[method-assign]
                 return spec

@@ -56,9 +56,7 @@ def _coremltools() -> Any:
     try:
         import coremltools as ct
     except ImportError:
-        raise InputError(
-            "Core ML export needs coremltools: pip install 'edkm[coreml]'"
-        ) from None
+        raise InputError("Core ML export needs coremltools: pip install 'edkm[coreml]'") from None
     return ct
 
 
@@ -103,7 +101,8 @@ def coreml_ready(model: nn.Module) -> nn.Module:
     layers = _palettized(model)
     if not layers:
         raise InputError("the model has no palettized layers (load it with edkm.load_palettized)")
-    ready = copy.deepcopy(model).float()
+    # nn.Module's float: transformers forbids .float() on a model loaded through a quantizer
+    ready = nn.Module.float(copy.deepcopy(model))
     for name, layer in layers.items():
         src = ready.get_submodule(name)
         assert isinstance(src, PalettizedLinear)
@@ -127,7 +126,7 @@ class _CausalLMLogits(nn.Module):
 
     def __init__(self, model: nn.Module, seq_len: int) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model
         mask = torch.full((seq_len, seq_len), float("-inf")).triu(1)
         self.register_buffer("mask", mask[None, None], persistent=False)
 
@@ -177,12 +176,15 @@ def export_coreml(
     if target_path.suffix != ".mlpackage":
         raise InputError(f"--out must end in .mlpackage, got '{target_path}'")
     if target_path.exists() and not (target_path / "Manifest.json").is_file():
-        raise InputError(f"'{target_path}' exists and is not a Core ML package; refusing to replace it")
+        raise InputError(
+            f"'{target_path}' exists and is not a Core ML package; refusing to replace it"
+        )
     if seq_len < 1:
         raise InputError(f"--seq-len must be at least 1, got {seq_len}")
     ready = coreml_ready(model)
-    if hasattr(ready, "set_attn_implementation"):
-        ready.set_attn_implementation("eager")  # sdpa's mask handling does not convert
+    set_attn: Any = getattr(ready, "set_attn_implementation", None)
+    if set_attn is not None:
+        set_attn("eager")  # sdpa's mask handling does not convert
     wrapper = _CausalLMLogits(ready, seq_len).eval()
     example = torch.zeros(1, seq_len, dtype=torch.long)
     try:
@@ -230,7 +232,9 @@ def read_palettes(path: str | os.PathLike[str]) -> dict[str, tuple[np.ndarray, n
         spec = mlmodel.get_spec()
         program = load_milproto(spec, spec.specificationVersion, mlmodel.weights_dir)
     except Exception as err:
-        raise InputError(f"'{folder}': cannot read the Core ML package ({first_line(err)})") from err
+        raise InputError(
+            f"'{folder}': cannot read the Core ML package ({first_line(err)})"
+        ) from err
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for function in program.functions.values():
         for op in function.operations:
@@ -283,7 +287,9 @@ def check_export(path: str | os.PathLike[str], model: nn.Module) -> int:
     return len(layers)
 
 
-def timed_export(model: nn.Module, out: str | os.PathLike[str], **kwargs: Any) -> tuple[Path, float]:
+def timed_export(
+    model: nn.Module, out: str | os.PathLike[str], **kwargs: Any
+) -> tuple[Path, float]:
     """:func:`export_coreml` and its wall time in seconds.
 
     Example:

@@ -301,7 +301,11 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     from edkm.prepass import QUANT_METHOD, read_manifests
 
     # a checkpoint written before pre-passes existed has no "prepass" key: no manifests
-    qc = {"quant_method": QUANT_METHOD, "format_version": version, "prepass": meta.get("prepass", [])}
+    qc = {
+        "quant_method": QUANT_METHOD,
+        "format_version": version,
+        "prepass": meta.get("prepass", []),
+    }
     meta["prepass"] = read_manifests({"quantization_config": qc}, file)
     return meta
 

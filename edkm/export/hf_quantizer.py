@@ -93,7 +93,9 @@ class EdkmQuantizationConfig(QuantizationConfigMixin):
         self.quant_method = quant_method  # type: ignore[assignment]
         self.format_version = format_version
         qc = {"quant_method": quant_method, "format_version": format_version}
-        self.prepass = read_manifests({"quantization_config": {**qc, "prepass": prepass or []}}, _WHERE)
+        self.prepass = read_manifests(
+            {"quantization_config": {**qc, "prepass": prepass or []}}, _WHERE
+        )
         if layers is None:
             layers = {}
         if not isinstance(layers, dict):
@@ -174,7 +176,9 @@ def swap_in_palettized(model: nn.Module, layers: dict[str, Any], where: str) -> 
             raise InputError(f"'{where}': layer '{name}' does not exist in the model") from None
         weight = getattr(current, "weight", None)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (out_f, in_f):
-            raise InputError(f"'{where}': layer '{name}' shape {[out_f, in_f]} does not match the model")
+            raise InputError(
+                f"'{where}': layer '{name}' shape {[out_f, in_f]} does not match the model"
+            )
         layer = PalettizedLinear(
             in_f,
             out_f,

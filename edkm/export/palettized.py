@@ -239,7 +239,8 @@ def load_palettized(
                 buf.data = buf.data.to(_parse_dtype(recorded[name], ckpt.meta_file))
     # the in-memory model says what it is, as one loaded by from_pretrained does: a re-save
     # (save_palettized or save_pretrained) keeps the pre-pass manifests and the layer map
-    model.config.quantization_config = hf_config(ckpt.meta)["quantization_config"]
+    hf_model: Any = model
+    hf_model.config.quantization_config = hf_config(ckpt.meta)["quantization_config"]
     if ckpt.meta.get("dkm_config") is not None:
         from edkm.config import DKMConfig
 

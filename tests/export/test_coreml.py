@@ -50,7 +50,8 @@ def exported(tmp_path_factory) -> dict[str, tuple[Any, Path]]:
 
 
 @pytest.mark.parametrize(
-    ("case", "lut_shape"), [("3bit", (1, 1, 8, 1)), ("4bit_ios16", (16,)), ("3bit_g16", (4, 1, 8, 1))]
+    ("case", "lut_shape"),
+    [("3bit", (1, 1, 8, 1)), ("4bit_ios16", (16,)), ("3bit_g16", (4, 1, 8, 1))],
 )
 def test_package_holds_our_luts_and_indices_bit_for_bit(exported, case, lut_shape):
     model, path = exported[case]
@@ -69,7 +70,9 @@ def test_package_holds_our_luts_and_indices_bit_for_bit(exported, case, lut_shap
 def test_a_different_checkpoint_fails_the_check(exported):
     _, path = exported["3bit"]
     other = _palettized(3, seed=1)
-    with pytest.raises(InputError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' LUT differs"):
+    with pytest.raises(
+        InputError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' LUT differs"
+    ):
         check_export(path, other)
 
 

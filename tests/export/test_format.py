@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from edkm.errors import InputError
 from edkm.export.format import (
-    HF_CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
+    HF_CONFIG_FILE,
     META_FILE,
     TENSORS_FILE,
     layer_entry,

@@ -195,9 +195,14 @@ def _edit_config(path: Path, edit: Any) -> None:
             lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(shape=[64, 128]),
             r"layer 'model\.layers\.0\.mlp\.up_proj' shape \[64, 128\] does not match the model",
         ),
-        (lambda q: q["layers"].update({"model.nope": q["layers"]["model.layers.0.mlp.up_proj"]}),
-         r"layer 'model\.nope' has no LUT or no indices"),
-        (lambda q: q.update(prepass=[{"kind": "mystery"}]), r"unknown pre-pass manifest kind 'mystery'"),
+        (
+            lambda q: q["layers"].update({"model.nope": q["layers"]["model.layers.0.mlp.up_proj"]}),
+            r"layer 'model\.nope' has no LUT or no indices",
+        ),
+        (
+            lambda q: q.update(prepass=[{"kind": "mystery"}]),
+            r"unknown pre-pass manifest kind 'mystery'",
+        ),
     ],
 )
 def test_tampered_config_is_one_input_error(folder, tmp_path, edit, message):
