@@ -9,7 +9,13 @@ A checkpoint is a folder with two files:
   ``{"format": "edkm-palettized"}``.
 - ``palettization.json``: the format name and version, the edkm version, the model class and
   its Hugging Face config (:mod:`edkm.export.hf`), the model dtype, the ``DKMConfig`` used, the
-  layer map (bits, group size, shape, weight dtype and bias per layer) and the tied names.
+  layer map (bits, group size, shape, weight dtype and bias per layer), the tied names and the
+  pre-pass manifests (:mod:`edkm.prepass`; ``[]`` for a model that was not pre-passed).
+- ``config.json``: the same folder as a Hugging Face model folder. It is the model's config
+  with ``quantization_config = {"quant_method": "edkm", "format_version": 1, "prepass": [...],
+  "layers": {...}, "dkm_config": ...}`` (:func:`hf_config`), so that, after ``import edkm``,
+  ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads the same
+  ``model.safetensors`` into ``PalettizedLinear`` layers (:mod:`edkm.export.hf_quantizer`).
 
 :func:`write_checkpoint` builds the folder under a temporary name and renames it into place
 (:func:`edkm.io.atomic.write_dir`): a reader never sees a half-written checkpoint, an existing
@@ -50,11 +56,13 @@ from edkm.nn.palette import Palette
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "HF_CONFIG_FILE",
     "META_FILE",
     "TENSORS_FILE",
     "Checkpoint",
     "StoredLayer",
     "dtype_name",
+    "hf_config",
     "layer_entry",
     "layer_tensors",
     "make_meta",
@@ -66,6 +74,7 @@ FORMAT = "edkm-palettized"
 FORMAT_VERSION = 1
 META_FILE = "palettization.json"
 TENSORS_FILE = "model.safetensors"
+HF_CONFIG_FILE = "config.json"
 _META_KEYS = ("model_class", "model_config", "layers", "tied", "dtype")
 
 
@@ -127,6 +136,7 @@ def make_meta(
     dkm_config: dict[str, Any] | None,
     layers: dict[str, dict[str, Any]],
     tied: dict[str, str],
+    prepass: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The content of ``palettization.json`` (keys in the order version 1 writes them).
 
@@ -147,7 +157,34 @@ def make_meta(
         "dkm_config": dkm_config,
         "layers": layers,
         "tied": tied,
+        "prepass": list(prepass or []),
     }
+
+
+def hf_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint: its model config plus edkm's ``quantization_config``.
+
+    Example:
+        >>> meta = make_meta(model_class="LlamaForCausalLM", model_config={"model_type": "llama"},
+        ...                  dtype="float32", dkm_config=None, layers={}, tied={})
+        >>> config = hf_config(meta)
+        >>> config["architectures"], sorted(config["quantization_config"])
+        (['LlamaForCausalLM'], ['dkm_config', 'format_version', 'layers', 'prepass', 'quant_method'])
+    """
+    from edkm.prepass import FORMAT_VERSION as PREPASS_VERSION
+    from edkm.prepass import QUANT_METHOD
+
+    config = {k: v for k, v in meta["model_config"].items() if k != "quantization_config"}
+    config["architectures"] = [meta["model_class"]]
+    config["dtype"] = meta["dtype"]
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": PREPASS_VERSION,
+        "prepass": list(meta.get("prepass", [])),
+        "layers": meta["layers"],
+        "dkm_config": meta["dkm_config"],
+    }
+    return config
 
 
 def _check_replaceable(target: Path) -> None:
@@ -193,6 +230,8 @@ def write_checkpoint(
     def write(folder: Path) -> None:
         save_file(stored, str(folder / TENSORS_FILE), metadata={"format": FORMAT})
         (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if meta.get("model_config", {}).get("model_type"):
+            (folder / HF_CONFIG_FILE).write_text(json.dumps(hf_config(meta), indent=2) + "\n")
 
     _check_replaceable(target)
     atomic.write_dir(target, write)
@@ -257,6 +296,17 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     for key, kind in kinds.items():
         if not isinstance(meta[key], kind):
             raise InputError(f"'{file}': {key!r} must be a {kind.__name__}")
+    if not isinstance(meta.get("buffer_dtypes", {}), dict):
+        raise InputError(f"'{file}': 'buffer_dtypes' must be a dict")
+    from edkm.prepass import QUANT_METHOD, read_manifests
+
+    # a checkpoint written before pre-passes existed has no "prepass" key: no manifests
+    qc = {
+        "quant_method": QUANT_METHOD,
+        "format_version": version,
+        "prepass": meta.get("prepass", []),
+    }
+    meta["prepass"] = read_manifests({"quantization_config": qc}, file)
     return meta
 
 

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from edkm.errors import InputError
@@ -47,10 +48,14 @@ def describe_model(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return type(model).__name__, json.loads(hf_config.to_json_string(use_diff=False))
 
 
-def build_model(model_class: str, model_config: dict[str, Any], file: Path) -> nn.Module:
+def build_model(
+    model_class: str, model_config: dict[str, Any], file: Path, dtype: torch.dtype | None = None
+) -> nn.Module:
     """The architecture ``model_class`` with ``model_config``, freshly initialised, offline.
 
-    ``file`` is the metadata file the two came from, named in every error.
+    ``file`` is the metadata file the two came from, named in every error. ``dtype`` is the
+    dtype the model is built in (as ``from_pretrained(dtype=...)`` builds it: buffers that the
+    model computes in fp32, such as the rotary frequencies, stay fp32).
 
     Example:
         >>> build_model("LlamaForCausalLM", {}, Path("palettization.json"))
@@ -69,10 +74,16 @@ def build_model(model_class: str, model_config: dict[str, Any], file: Path) -> n
     except (ValueError, KeyError) as err:
         raise InputError(f"'{file}': cannot rebuild the model config ({err})") from None
     if model_class.endswith("ForCausalLM"):
-        model: nn.Module = transformers.AutoModelForCausalLM.from_config(hf_config)
+        model: nn.Module = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         return model
     cls = getattr(transformers, model_class, None)
     if cls is None:
         raise InputError(f"'{file}': unknown model class {model_class!r}")
-    built: nn.Module = cls(hf_config)
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        built: nn.Module = cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
     return built

@@ -3,9 +3,12 @@
 Saving collects each palettized layer's :class:`~edkm.nn.palette.Palette` (from a frozen
 ``PalettizedLinear``, or from a layer densified by :func:`edkm.nn.dense.densify_` whose weight
 is still ``LUT[indices]``) and every other state_dict tensor, and writes them in the folder
-format of :mod:`edkm.export.format`. Loading reads and validates that folder, rebuilds the
-Hugging Face architecture offline (:mod:`edkm.export.hf`), swaps a frozen ``PalettizedLinear``
-in for each stored layer and loads the tensors, strictly. The weights a reloaded model decodes
+format of :mod:`edkm.export.format` (which is also a Hugging Face folder: after ``import edkm``,
+``AutoModelForCausalLM.from_pretrained`` loads it, :mod:`edkm.export.hf_quantizer`). Loading
+reads and validates that folder, rebuilds the Hugging Face architecture offline
+(:mod:`edkm.export.hf`), applies the pre-pass manifests of a pre-passed model
+(:func:`edkm.prepass.restructure`), swaps a frozen ``PalettizedLinear`` in for each stored
+layer and loads the tensors, strictly. The weights a reloaded model decodes
 are those of the saved model, bit for bit.
 
 Example:
@@ -36,7 +39,9 @@ from torch import nn
 from edkm.errors import InputError
 from edkm.export import hf
 from edkm.export.format import (
+    _parse_dtype,
     dtype_name,
+    hf_config,
     layer_entry,
     layer_tensors,
     make_meta,
@@ -49,7 +54,7 @@ from edkm.nn.palette import Palette
 from edkm.nn.palettize import _CONFIG_ATTR
 from edkm.nn.palettized_linear import PalettizedLinear
 
-__all__ = ["load_palettized", "save_palettized"]
+__all__ = ["load_palettized", "model_prepass", "save_palettized"]
 
 
 def _stored_layers(model: nn.Module) -> list[tuple[str, Palette, dict[str, Any]]]:
@@ -90,10 +95,37 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def save_palettized(model: nn.Module, path: str | os.PathLike[str], *, config: Any = None) -> Path:
+def model_prepass(model: nn.Module) -> list[dict[str, Any]]:
+    """The pre-pass manifests a model carries in ``config.quantization_config`` (``[]`` if none).
+
+    A model loaded with ``from_pretrained`` from a pre-passed folder carries them there.
+
+    Example:
+        >>> model_prepass(nn.Linear(2, 2))
+        []
+    """
+    from edkm.prepass import read_manifests
+
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else None
+    return read_manifests({"quantization_config": qc}, "the model's config") if qc else []
+
+
+def save_palettized(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    config: Any = None,
+    prepass: list[dict[str, Any]] | None = None,
+) -> Path:
     """Save a finalized model to the folder ``path`` (LUTs, packed indices, metadata).
 
-    ``config`` is the ``DKMConfig`` to record; by default the one ``palettize_`` used. The model
+    ``config`` is the ``DKMConfig`` to record; by default the one ``palettize_`` used.
+    ``prepass`` are the pre-pass manifests that turned the stock architecture into this one
+    (:mod:`edkm.prepass`), in order; by default those in the model's ``quantization_config``
+    (:func:`model_prepass`). The folder is also a Hugging Face model folder (``config.json``
+    with edkm's ``quantization_config``; :mod:`edkm.export.format`). The model
     must carry a Hugging Face ``config`` so that loading can rebuild it. Errors
     (``InputError``): no palettized layer, a layer still DKM-wrapped or with a trainable LUT, a
     densified weight that changed, a palettized weight tied to another tensor.
@@ -108,6 +140,8 @@ def save_palettized(model: nn.Module, path: str | os.PathLike[str], *, config: A
             "the model has no palettized layers; call edkm.palettize_ and edkm.finalize first"
         )
     model_class, model_config = hf.describe_model(model)
+    model_config.pop("quantization_config", None)
+    manifests = model_prepass(model) if prepass is None else [dict(m) for m in prepass]
     dkm_config = config if config is not None else getattr(model, _CONFIG_ATTR, None)
     aliases = _aliases(model)
     tensors = {k: v for k, v in model.state_dict().items() if k not in aliases}
@@ -129,12 +163,31 @@ def save_palettized(model: nn.Module, path: str | os.PathLike[str], *, config: A
         dkm_config=dkm_config.to_dict() if dkm_config is not None else None,
         layers=layer_map,
         tied=aliases,
+        prepass=manifests,
     )
+    # buffers that are not saved (rotary frequencies) are rebuilt on load; a model moved with
+    # .to(bfloat16) holds them rounded, so their dtypes are recorded to rebuild it exactly
+    meta["buffer_dtypes"] = {
+        name: dtype_name(buf.dtype)
+        for name, buf in _unsaved_buffers(model)
+        if buf.is_floating_point()
+    }
     return write_checkpoint(path, tensors, meta)
 
 
-def load_palettized(path: str | os.PathLike[str], *, dense: bool = False) -> nn.Module:
+def _unsaved_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    saved = set(model.state_dict())
+    return [(n, b) for n, b in model.named_buffers() if n not in saved]
+
+
+def load_palettized(
+    path: str | os.PathLike[str], *, dense: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load a palettized checkpoint; returns the model in eval mode.
+
+    ``dtype`` is the dtype of the model's float tensors and decoded weights (default: the
+    saved model's); the model is built in it, as ``from_pretrained(dtype=...)`` builds one, so
+    fp32 buffers (rotary frequencies) stay fp32. The LUTs stay fp16 whatever the dtype.
 
     By default each palettized layer is a frozen ``PalettizedLinear`` (LUT + packed indices,
     decoded in forward); with ``dense=True`` they are plain ``nn.Linear`` layers holding
@@ -146,8 +199,13 @@ def load_palettized(path: str | os.PathLike[str], *, dense: bool = False) -> nn.
     """
     ckpt = read_checkpoint(path)
     file = ckpt.tensors_file
-    model = hf.build_model(ckpt.meta["model_class"], ckpt.meta["model_config"], ckpt.meta_file)
-    model.to(ckpt.dtype)
+    model = hf.build_model(
+        ckpt.meta["model_class"], ckpt.meta["model_config"], ckpt.meta_file, dtype or ckpt.dtype
+    )
+    if ckpt.meta["prepass"]:
+        from edkm.prepass import restructure
+
+        restructure(model, ckpt.meta["prepass"])
     state = dict(ckpt.tensors)
     for name, stored in ckpt.layers.items():
         palette = stored.palette
@@ -159,9 +217,10 @@ def load_palettized(path: str | os.PathLike[str], *, dense: bool = False) -> nn.
             raise InputError(
                 f"'{file}': layer '{name}' shape {palette.shape} does not match the model"
             )
-        layer = PalettizedLinear.from_palette(palette, weight_dtype=stored.weight_dtype)
+        weight_dtype = dtype or stored.weight_dtype
+        layer = PalettizedLinear.from_palette(palette, weight_dtype=weight_dtype)
         if stored.bias:
-            layer.bias = nn.Parameter(torch.zeros(palette.shape[0], dtype=stored.weight_dtype))
+            layer.bias = nn.Parameter(torch.zeros(palette.shape[0], dtype=weight_dtype))
         model.set_submodule(name, layer)
         state.update(layer_tensors(name, palette))  # loaded strictly like every other tensor
     try:
@@ -173,6 +232,15 @@ def load_palettized(path: str | os.PathLike[str], *, dense: bool = False) -> nn.
         ) from None
     if dense:
         densify_(model)
+    if dtype is None:  # the saved model exactly, unsaved buffers in their recorded dtypes
+        recorded = ckpt.meta.get("buffer_dtypes", {})
+        for name, buf in _unsaved_buffers(model):
+            if isinstance(recorded.get(name), str) and buf.is_floating_point():
+                buf.data = buf.data.to(_parse_dtype(recorded[name], ckpt.meta_file))
+    # the in-memory model says what it is, as one loaded by from_pretrained does: a re-save
+    # (save_palettized or save_pretrained) keeps the pre-pass manifests and the layer map
+    hf_model: Any = model
+    hf_model.config.quantization_config = hf_config(ckpt.meta)["quantization_config"]
     if ckpt.meta.get("dkm_config") is not None:
         from edkm.config import DKMConfig
 

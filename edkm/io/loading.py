@@ -47,9 +47,7 @@ def load_any_model(
             f"palettized folder '{spec}' holds no tokenizer (save one with "
             "tokenizer.save_pretrained next to save_palettized)"
         ) from err
-    model = load_palettized(path)
-    if dtype is not None:
-        model.to(dtype)
+    model = load_palettized(path, dtype=dtype)
     if device is not None:
         model.to(device)
     model.eval()

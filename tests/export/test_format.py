@@ -16,6 +16,7 @@ from edkm.errors import InputError
 from edkm.export.format import (
     FORMAT,
     FORMAT_VERSION,
+    HF_CONFIG_FILE,
     META_FILE,
     TENSORS_FILE,
     layer_entry,
@@ -54,7 +55,16 @@ def _write(path: Path, **meta_overrides: Any) -> Path:
 def test_round_trip_of_the_folder(tmp_path):
     palette = _palette()
     folder = _write(tmp_path / "ckpt")
-    assert sorted(p.name for p in folder.iterdir()) == [TENSORS_FILE, META_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == [HF_CONFIG_FILE, TENSORS_FILE, META_FILE]
+    hf = json.loads((folder / HF_CONFIG_FILE).read_text())
+    assert hf["architectures"] == ["ToyForCausalLM"] and hf["model_type"] == "toy"
+    assert hf["quantization_config"] == {
+        "quant_method": "edkm",
+        "format_version": 1,
+        "prepass": [],
+        "layers": {"fc": layer_entry(palette, torch.bfloat16, bias=False)},
+        "dkm_config": None,
+    }
     with safe_open(str(folder / TENSORS_FILE), "pt") as f:
         assert f.metadata() == {"format": FORMAT}
         assert sorted(f.keys()) == ["fc.lut", "fc.packed_indices", "norm.weight"]
@@ -69,6 +79,7 @@ def test_round_trip_of_the_folder(tmp_path):
         "dkm_config",
         "layers",
         "tied",
+        "prepass",
     ]
     assert (meta["format"], meta["format_version"]) == (FORMAT, FORMAT_VERSION) == (FORMAT, 1)
     ckpt = read_checkpoint(folder)

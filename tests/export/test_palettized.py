@@ -71,7 +71,7 @@ def test_round_trip_is_bit_identical(finalized, saved, dense):
 
 
 def test_file_layout(finalized, saved):
-    assert sorted(p.name for p in saved.iterdir()) == [TENSORS_FILE, META_FILE]
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", TENSORS_FILE, META_FILE]
     meta = json.loads((saved / META_FILE).read_text())
     assert meta["format"] == "edkm-palettized" and meta["format_version"] == 1
     assert DKMConfig.from_dict(meta["dkm_config"]) == DKMConfig(method="reference", bits=3)
