@@ -95,16 +95,37 @@ class Comm:
         (1, 0, torch.Size([2, 3]))
     """
 
-    def __init__(self, group: Any = None, *, world: int | None = None, rank: int | None = None):
+    def __init__(
+        self,
+        group: Any = None,
+        *,
+        world: int | None = None,
+        rank: int | None = None,
+        dry: bool = False,
+    ):
         self.group = group
         self.world = dist.get_world_size(group) if world is None else world
         self.rank = dist.get_rank(group) if rank is None else rank
+        self.dry = dry
         self.stats = CommStats()
 
     @classmethod
     def single(cls) -> Comm:
         """A one-rank group without torch.distributed (for tests and the memory benchmark)."""
         return cls(world=1, rank=0)
+
+    @classmethod
+    def counting(cls, world: int, rank: int = 0) -> Comm:
+        """Rank ``rank`` of a ``world``-rank group that only counts: no process group, no data
+        moved, results of the right shape but unset values. For measuring one rank's memory and
+        traffic under ``FakeTensorMode`` (``benchmarks/sharding.py``); never for training.
+
+        Example:
+            >>> c = Comm.counting(4, 0)
+            >>> c.all_gather_rows(torch.ones(3, 2), 10).shape, c.stats.sent_bytes
+            (torch.Size([10, 2]), 72)
+        """
+        return cls(world=world, rank=rank, dry=True)
 
     def rows(self, total: int) -> tuple[int, int]:
         """This rank's ``(start, stop)`` of ``total`` rows."""
@@ -113,7 +134,7 @@ class Comm:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (integer sums are exact: the same on every rank)."""
         self.stats.add("all_reduce", t.numel() * t.element_size(), self.world)
-        if self.world > 1:
+        if self.world > 1 and not self.dry:
             dist.all_reduce(t, group=self.group)
         return t
 
@@ -124,6 +145,8 @@ class Comm:
         self.stats.add("all_gather", full.numel() * full.element_size(), self.world)
         if self.world == 1:
             return local
+        if self.dry:
+            return full[:total]
         if local.shape[0] != size:  # the short last shards: pad as FSDP2 does
             padded = local.new_zeros((size, *local.shape[1:]))
             padded[: local.shape[0]] = local
@@ -141,6 +164,8 @@ class Comm:
         )
         if self.world == 1:
             return full
+        if self.dry:
+            return full.new_empty((stop - start, *full.shape[1:]))
         if total != size * self.world:
             padded = full.new_zeros((size * self.world, *full.shape[1:]))
             padded[:total] = full

@@ -126,12 +126,15 @@ class ShardedDKMLinear(DKMLinear):
         return f"{super().extra_repr()}, rows={start}..{stop} of {self.out_features}"
 
 
-def shard_dkm_layer_(layer: DKMLinear, mesh: Any, comm: Comm | None = None) -> ShardedDKMLinear:
+def shard_dkm_layer_(
+    layer: DKMLinear, mesh: Any = None, comm: Comm | None = None
+) -> ShardedDKMLinear:
     """Turn ``layer`` into a :class:`ShardedDKMLinear` in place (same object, same buffers).
 
     Every rank must hold the same full weight (the model loaded the same way on every rank):
     each keeps its ``torch.chunk`` rows, as a new ``Shard(0)`` DTensor Parameter on ``mesh``
-    (build the optimizer afterwards, as with FSDP2).
+    (build the optimizer afterwards, as with FSDP2). Without ``mesh`` the rows are a plain
+    Parameter and ``comm`` is required (e.g. ``Comm.counting``, to measure one rank).
     """
     from torch.distributed.tensor import DTensor, Shard
 
@@ -142,13 +145,18 @@ def shard_dkm_layer_(layer: DKMLinear, mesh: Any, comm: Comm | None = None) -> S
             f"layer '{layer.layer_name}': sharded DKM runs the uniquified method; "
             f"method={layer.method!r} is not sharded (use 'auto' or 'unique')"
         )
-    comm = comm or Comm(mesh.get_group())
+    if comm is None:
+        if mesh is None:
+            raise ValueError("shard_dkm_layer_ needs a mesh or a comm")
+        comm = Comm(mesh.get_group())
     full = layer.weight.detach()
     start, stop = comm.rows(full.shape[0])
     local = full[start:stop].clone()  # a copy: the full weight's storage is released
-    dt = DTensor.from_local(
-        local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
-    )
+    dt = local
+    if mesh is not None:
+        dt = DTensor.from_local(
+            local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
+        )
     requires_grad = layer.weight.requires_grad
     layer.__class__ = ShardedDKMLinear
     assert isinstance(layer, ShardedDKMLinear)
