@@ -47,15 +47,15 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from benchmarks._common import RESULTS, Record, environment, fmt_bytes, print_table, write_records
-from benchmarks.ablation import BITS, ITERS, STD, build_layer, dkm_config, wrap_dkm
-from edkm.config import OffloadConfig
-from edkm.memory.tracker import measure_peak
-from edkm.nn.dkm_linear import DKMLinear
-from edkm.shard.comm import Comm
-from edkm.shard.engine import sharded_linear
-from edkm.shard.layer import shard_dkm_layer_
-from edkm.train.loop import offload_dkm_layers
+from benchmarks._common import RESULTS, Record, environment, fmt_bytes, print_table, write_records  # noqa: E402
+from benchmarks.ablation import BITS, ITERS, STD, build_layer, dkm_config, wrap_dkm  # noqa: E402
+from edkm.config import OffloadConfig  # noqa: E402
+from edkm.memory.tracker import measure_peak  # noqa: E402
+from edkm.nn.dkm_linear import DKMLinear  # noqa: E402
+from edkm.shard.comm import Comm  # noqa: E402
+from edkm.shard.engine import sharded_linear  # noqa: E402
+from edkm.shard.layer import shard_dkm_layer_  # noqa: E402
+from edkm.train.loop import offload_dkm_layers  # noqa: E402
 
 
 class RowShardedLinear(nn.Module):

@@ -235,8 +235,8 @@ class ShardedLinear(torch.autograd.Function):
     """``F.linear(x, all_gather(soft_rows), bias)`` that keeps only the rows for backward.
 
     Follows the ambient autocast as ``F.linear`` does (inputs cast to the autocast dtype).
-    Backward all-gathers the rows again for ``dL/dx``, and reduce-scatters ``dL/dW`` (in fp32,
-    averaged over the ranks) to the rows' owners.
+    Backward all-gathers the rows again for ``dL/dx``, and reduce-scatters ``dL/dW`` (in the
+    matmul's dtype, averaged over the ranks, as FSDP2 does by default) to the rows' owners.
     """
 
     @staticmethod
@@ -273,8 +273,8 @@ class ShardedLinear(torch.autograd.Function):
         g2, x2 = g.reshape(-1, g.shape[-1]), xc.reshape(-1, xc.shape[-1])
         grad_rows = None
         if ctx.needs_input_grad[1]:
-            grad_full = (g2.t() @ x2).float()  # reduced in fp32, as FSDP2's reduce_dtype
-            grad_rows = comm.reduce_scatter_rows(grad_full).to(rows.dtype)
+            # reduced in the matmul's dtype, as FSDP2 reduces in the parameter dtype by default
+            grad_rows = comm.reduce_scatter_rows(g2.t() @ x2).to(rows.dtype)
         grad_b = g2.sum(0) if has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_rows, grad_b, None, None
 

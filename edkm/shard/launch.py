@@ -28,8 +28,9 @@ __all__ = ["DEFAULT_TIMEOUT_S", "LaunchInfo", "device_for", "init_distributed", 
 
 # How long a collective waits for the other ranks before failing (seconds); EDKM_DIST_TIMEOUT_S
 # overrides it. A rank that dies is usually noticed at once (its sockets close); the timeout
-# bounds the rest (a rank stuck elsewhere).
-DEFAULT_TIMEOUT_S = 600.0
+# bounds the rest (a rank stuck elsewhere). 30 minutes, because under `edkm compress` rank 0
+# measures the baselines alone while the other ranks wait for it at the first collective.
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 @dataclasses.dataclass(frozen=True)
