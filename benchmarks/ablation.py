@@ -409,8 +409,8 @@ def merge_records(path: Path, new: list[Record], reference: Record | None = None
     fresh = {r["row"]: r for r in new if r["row"] != "no DKM" or not old}
     merged = {r["row"]: r for r in old}
     merged.update(fresh)
-    order = [label for label, _, _ in ROWS] + sorted(set(merged) - {lb for lb, _, _ in ROWS})
-    records = [merged[label] for label in order if label in merged]
+    # rows no longer in ROWS (e.g. an old placeholder) are dropped
+    records = [merged[label] for label, _, _ in ROWS if label in merged]
     derive(records, reference)
     return records
 
@@ -533,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or ("ablation_compare" if args.compare else f"ablation_{args.mode}")
     if args.merge:
         all_records = merge_records(args.out_dir / f"{name}.json", all_records, reference)
+        tables = [markdown(all_records, f"{title} (rows merged)", _cmd(all_records))]
     write_records(name, all_records, out=args.out_dir / f"{name}.json")
     if args.merge:
         (args.out_dir / "ablation.md").write_text(summary(args.out_dir))

@@ -179,7 +179,6 @@ def compress(
     """
     import edkm
     from edkm.nn.palettize import set_mode
-
     from edkm.shard.train import is_main_process, start_group
 
     out = Path(out)

@@ -162,8 +162,8 @@ def gather_to_main(model: nn.Module, recipe: Any) -> nn.Module | None:
     """
     import edkm
     from edkm.io.models import load_model
-    from edkm.shard.fsdp import full_state_dict
     from edkm.nn.palettize import set_tau_scale
+    from edkm.shard.fsdp import full_state_dict
     from edkm.train.loop import tau_scale, training_device
 
     state = full_state_dict(model)
