@@ -22,8 +22,12 @@ Rows (cumulative, as in the paper's table):
   everything the DKM layers save (attention maps, k-means intermediates, the soft weight the
   matmul keeps) of 1 MiB and more goes to host memory, one copy per storage;
 - ``+ uniquification``: marshaling with ``method="unique"``;
-- ``+ sharding``: pending until the sharding issue lands;
-- ``all techniques``: every technique that has landed (today marshaling + uniquification);
+- ``+ sharding (W=2/4/8)``: one rank (rank 0, the largest shard) of W, marshaling and
+  uniquification with edkm's sharded DKM (:mod:`edkm.shard`, ``benchmarks/sharding.py``): the
+  rank's rows of every weight, collectives counted under FakeTensorMode; its DKM memory is taken
+  against the sharded floor (the same layer with row-sharded plain Linears at that W);
+- ``all techniques``: marshaling + uniquification on one device (sharding adds ranks: its rows
+  are per rank);
 - ``implicit-attention kernel``: ``method="implicit"`` (the FlashAttention-style kernel that
   never materialises the N x K map) alone, and with marshaling.
 
@@ -54,6 +58,8 @@ Examples:
     python benchmarks/ablation.py --mode real --rows "+ uniquification,all techniques" \\
         --reference-json benchmarks/results/ablation_fake.json --name ablation_real_full
     python benchmarks/ablation.py --summary            # ablation.md from the saved results
+    python benchmarks/ablation.py --rows "+ sharding (W=2),+ sharding (W=4),+ sharding (W=8)" \\
+        --merge --threads 1                            # only the sharding rows, merged in
 """
 
 from __future__ import annotations
@@ -97,11 +103,17 @@ ROWS: list[tuple[str, str | None, bool]] = [
     ("reference DKM", "reference", False),
     ("+ marshaling", "reference", True),
     ("+ uniquification", "unique", True),
-    ("+ sharding", "pending", True),
+    ("+ sharding (W=2)", "unique", True),
+    ("+ sharding (W=4)", "unique", True),
+    ("+ sharding (W=8)", "unique", True),
     ("all techniques", "unique", True),
     ("implicit-attention kernel", "implicit", False),
     ("implicit + marshaling", "implicit", True),
 ]
+
+
+# the sharding rows: one rank of W (benchmarks/sharding.py, collectives counted, FakeTensor)
+SHARDED = {"+ sharding (W=2)": 2, "+ sharding (W=4)": 4, "+ sharding (W=8)": 8}
 
 
 def dkm_config(method: str) -> DKMConfig:
@@ -174,9 +186,9 @@ def run_row(
     rec.update(width=width, mlp=mlp, heads=width // 128, seq=seq, bits=BITS, iters=ITERS)
     offload_cfg = OffloadConfig(enabled=marshal, min_bytes=min_bytes)
     rec["offload_min_bytes"] = min_bytes if marshal else None
-    if method == "pending":
-        rec["status"] = "pending: sharding has not landed"
-        return rec
+    if label in SHARDED:
+        return sharded_row(rec, SHARDED[label], width=width, mlp=mlp, seq=seq, mode=mode,
+                           min_bytes=min_bytes)  # fmt: skip
     config = None
     if method is not None:
         try:
@@ -231,6 +243,33 @@ def run_row(
     return rec
 
 
+def sharded_row(
+    rec: Record, world: int, *, width: int, mlp: int, seq: int, mode: str, min_bytes: int
+) -> Record:
+    """Rank 0 of ``world`` ranks (the largest shard), all techniques: ``benchmarks/sharding.py``'s
+    ``sharded DKM + marshaling`` row. Its DKM memory is taken against the sharded floor (the
+    same layer with row-sharded plain Linears at the same W), measured here too."""
+    from benchmarks import sharding
+
+    rec["world"] = world
+    if mode != "fake":
+        rec["status"] = "measured under FakeTensorMode only (collectives are counted, not run)"
+        return rec
+    kw = {"width": width, "mlp": mlp, "seq": seq, "min_bytes": min_bytes}
+    floor = sharding.run("sharded floor", world, **kw)
+    row = sharding.run("sharded DKM + marshaling", world, **kw)
+    rec["layer"] = "edkm.shard.layer.ShardedDKMLinear"
+    rec["dkm_config"] = dkm_config("unique").to_dict()
+    rec["offload_config"] = OffloadConfig(enabled=True, min_bytes=min_bytes).to_dict()
+    for key in ("seconds", "peak_bytes", "baseline_bytes", "by_category", "bytes_to_host"):
+        rec[key] = row[key]
+    rec["measurement"] = "memtracker-fake"
+    rec["floor_bytes"] = floor["peak_bytes"]
+    rec["sent_bytes"] = row["sent_bytes"]
+    rec["collective_buffer_bytes"] = row["collective_buffer_bytes"]
+    return rec
+
+
 def derive(records: list[Record], reference: Record | None = None) -> None:
     """Fill DKM-attributable memory and the reduction versus reference DKM.
 
@@ -240,7 +279,8 @@ def derive(records: list[Record], reference: Record | None = None) -> None:
     floor = next(r for r in records if r["row"] == "no DKM")
     for r in records:
         if "peak_bytes" in r:
-            r["dkm_bytes"] = r["peak_bytes"] - floor["peak_bytes"]
+            # sharding rows: against the sharded floor at the same W (one rank's view)
+            r["dkm_bytes"] = r["peak_bytes"] - r.get("floor_bytes", floor["peak_bytes"])
             r["peak_vs_floor"] = r["peak_bytes"] / floor["peak_bytes"]
     own = next((r for r in records if r["row"] == "reference DKM" and "dkm_bytes" in r), None)
     ref = own or reference
@@ -313,7 +353,13 @@ rows need less with real weights, because the layer then picks the compact table
 patterns present: 4,666 and 5,030 of 65,536 in N(0, 0.02) bf16 weights of 4096 x 4096 and 11008
 x 4096) where a FakeTensor, having no values, gets the fixed 65,536-row table: the fake
 uniquified figures are an upper bound. (Full-size real rows are not run: this CPU emulates bf16
-matmuls, 272 s for one 2048 x 4096 x 4096 product.)
+matmuls, 272 s for one 2048 x 4096 x 4096 product.) The "+ sharding" rows are one rank of W
+(rank 0, the largest shard) running edkm's sharded DKM with marshaling and uniquification, every
+collective counted (no data moved) under FakeTensorMode; their peak is that rank's and their DKM
+memory is taken against the sharded floor (the same layer with row-sharded plain Linears at that
+W: all-gathered for the matmul, gradient reduce-scattered, as FSDP2 treats a Linear); bytes sent
+per rank and step are in ``sharding.md``. They were run alone and merged into the saved
+results (``--rows ... --merge``), not with the rest of the table.
 """
 
 
@@ -356,6 +402,19 @@ def summary(folder: Path = RESULTS) -> str:
     return "\n".join(parts) + "\n"
 
 
+def merge_records(path: Path, new: list[Record], reference: Record | None = None) -> list[Record]:
+    """The saved records of ``path`` with the rows of ``new`` added or replaced, in ``ROWS``
+    order, derived again. The saved floor is kept (a new one is only the run's own baseline)."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    fresh = {r["row"]: r for r in new if r["row"] != "no DKM" or not old}
+    merged = {r["row"]: r for r in old}
+    merged.update(fresh)
+    # rows no longer in ROWS (e.g. an old placeholder) are dropped
+    records = [merged[label] for label, _, _ in ROWS if label in merged]
+    derive(records, reference)
+    return records
+
+
 def _cmd(records: list[Record]) -> str:
     return str(records[0].get("command", "python benchmarks/ablation.py"))
 
@@ -379,6 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--summary", action="store_true", help="only write ablation.md from the saved results"
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the rows run (--rows) into the saved results file (--name, default "
+        "ablation_<mode>) instead of replacing it, then rewrite ablation.md",
     )
     ap.add_argument(
         "--out-dir", type=Path, default=RESULTS, help="folder of the results (JSON and .md)"
@@ -466,7 +531,12 @@ def main(argv: list[str] | None = None) -> None:
         ]
         tables.append("### fake vs real\n\n" + "\n".join(lines))
     name = args.name or ("ablation_compare" if args.compare else f"ablation_{args.mode}")
+    if args.merge:
+        all_records = merge_records(args.out_dir / f"{name}.json", all_records, reference)
+        tables = [markdown(all_records, f"{title} (rows merged)", _cmd(all_records))]
     write_records(name, all_records, out=args.out_dir / f"{name}.json")
+    if args.merge:
+        (args.out_dir / "ablation.md").write_text(summary(args.out_dir))
     (args.out_dir / f"{name}.md").write_text("\n\n".join(tables) + "\n")
     print(f"wrote {args.out_dir / name}.json and .md")
 

@@ -179,15 +179,21 @@ def compress(
     """
     import edkm
     from edkm.nn.palettize import set_mode
+    from edkm.shard.train import is_main_process, start_group
 
     out = Path(out)
     t_start = time.perf_counter()
+    # under torchrun / accelerate launch every rank runs this function; rank 0 alone writes the
+    # folder and measures, the ranks train together (edkm.shard), rank 0 finalizes
+    launch = start_group(recipe.train.device)
+    main = is_main_process()
     model, tokenizer = load_model(recipe.model, dtype=getattr(torch, recipe.train.weights_dtype))
     _, train_ids, eval_ids = _load_inputs(recipe, tokenizer)
-    prepare_output(out, recipe, resume=resume, overwrite=overwrite)
+    if main:
+        prepare_output(out, recipe, resume=resume, overwrite=overwrite)
     model.to(training_device(recipe.train))  # baselines and evaluations run where training does
 
-    results = _baselines(model, eval_ids, recipe, out, show_progress)
+    results = _baselines(model, eval_ids, recipe, out, show_progress) if main else {}
     teacher = make_teacher(model) if recipe.train.distill > 0 else None
     summary = edkm.palettize_(model, recipe.dkm)
     state = train(
@@ -201,6 +207,13 @@ def compress(
         offload=recipe.offload,
     )
     t_trained = time.perf_counter()
+    if launch is not None:
+        from edkm.shard.train import gather_to_main
+
+        gathered = gather_to_main(model, recipe)
+        if gathered is None:  # not rank 0: its part is done
+            return {}
+        model = gathered
 
     set_mode(model, "soft")
     results["edkm_soft"] = _eval(model, eval_ids, recipe, "eDKM soft", show_progress).to_dict()

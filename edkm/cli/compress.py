@@ -145,6 +145,8 @@ def run_compress(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + stop.signum if stop.signum in (signal.SIGINT, signal.SIGTERM) else 1
+    if not report:  # a rank other than 0 under torchrun / accelerate launch: rank 0 reports
+        return 0
     print(render_markdown(report))
     print(f"report: {args.out / 'report.md'}  model: {args.out / 'model'}")
     return 0

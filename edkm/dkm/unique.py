@@ -259,6 +259,89 @@ def check_finite_patterns(counts: torch.Tensor, dtype: torch.dtype) -> None:
         )
 
 
+# ---- the table passes: everything between the per-weight passes ---------------------------------
+# ``UniqueDKM`` calls them with the histogram / bin sums of the whole weight; the sharded engine
+# (``edkm.shard.engine``) calls the very same functions with sums all-reduced over the ranks'
+# shards, so both paths run identical table math.
+
+
+def table_forward(
+    counts: torch.Tensor,
+    dtype: torch.dtype,
+    c0: torch.Tensor,
+    tau: torch.Tensor,
+    iters: int,
+    *,
+    compact: bool | None = None,
+) -> tuple[Table, torch.Tensor, torch.Tensor]:
+    """From (G, 65536) pattern counts: ``(table, c_T, soft table (G, 65536) fp32)``.
+
+    Checks the counts for non-finite patterns first (``ValueError``), then builds the table
+    (form chosen from the counts), runs the k-means iterations from ``c0`` and evaluates
+    ``T_u`` on every row.
+
+    Example:
+        >>> counts = torch.zeros(1, 65536, dtype=torch.int32); counts[0, 0x3F80] = 2
+        >>> _, c, soft = table_forward(counts, torch.bfloat16, torch.tensor([[0.0, 2.0]]),
+        ...                            torch.ones(1), 1)
+        >>> soft.shape, round(soft[0, 0x3F80].item(), 4)
+        (torch.Size([1, 65536]), 1.0)
+    """
+    check_finite_patterns(counts, dtype)
+    table = build_table(counts, dtype, compact=compact)
+    c = table_iterations(table.u, table.n, c0, tau, iters)
+    # the caller casts the table once (<= G * 128 KiB): the gather then writes final values
+    return table, c, table.expand(table_output(table.u, c, tau))
+
+
+def table_backward(
+    table: Table,
+    c0: torch.Tensor,
+    tau: torch.Tensor,
+    iters: int,
+    g_bins: torch.Tensor | None,
+    grad_c: torch.Tensor | None,
+    *,
+    need_w: bool,
+    need_c: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward through the table: ``(dL/dc0 or None, per-row table or None)``.
+
+    ``g_bins`` is the (G, 65536) fp32 sum of the upstream gradient over each pattern's weights
+    (``G_u``), or None when the soft weight got no gradient. The per-row table (only when
+    ``need_w``) is the interleaved (G, 65536, 2) ``[D, H]`` for ``edkm::unique_grad`` when
+    ``g_bins`` is given, else the (G, 65536) ``H`` alone (gathered as the weight gradient).
+    """
+    g_rows = None if g_bins is None else table.reduce(g_bins)
+    with torch.enable_grad():
+        # u feeds the k-means iterations as a leaf; the final soft assignment sees u as a
+        # constant (its derivative is the closed-form local slope below).
+        u_iter = table.u.detach().requires_grad_(need_w)
+        c_start = c0.detach().requires_grad_(need_c)
+        c_t = table_iterations(u_iter, table.n, c_start, tau, iters)
+        loss = torch.zeros((), device=c0.device)
+        if g_rows is not None:
+            loss = loss + (table_output(table.u, c_t, tau) * g_rows).sum()
+        if grad_c is not None:
+            loss = loss + (c_t * grad_c).sum()
+        leaves = [t for t, need in ((u_iter, need_w), (c_start, need_c)) if need]
+        grads = list(torch.autograd.grad(loss, leaves, allow_unused=True)) if leaves else []
+    grad_c0 = per_row = None
+    if need_c:
+        grad_c0 = grads.pop()
+        if grad_c0 is None:
+            grad_c0 = torch.zeros_like(c0)
+    if need_w:
+        d_u = grads.pop()
+        n = table.n
+        shared = torch.zeros_like(n) if d_u is None else d_u / torch.where(n > 0, n, 1.0)
+        per_row = table.expand(torch.where(n > 0, shared, 0.0))
+        if g_rows is not None:
+            slope = table.expand(local_slope(table.u, c_t.detach(), tau))
+            per_row = torch.stack([slope, per_row], dim=-1)
+    return grad_c0, per_row
+
+
 # ---- the autograd function ----------------------------------------------------------------------
 
 
@@ -283,13 +366,9 @@ class UniqueDKM(torch.autograd.Function):
         dtype = pattern_dtype(weight)
         ops: dict[str, Any] = {"groups": groups, "backend": backend, "chunk": chunk}
         counts = bit_histogram(weight, **ops)
-        check_finite_patterns(counts, dtype)
-        table = build_table(counts, dtype, compact=compact)
-        del counts
         c0 = centroids.detach().float()
-        c = table_iterations(table.u, table.n, c0, tau, iters)
-        # cast the table once (<= G * 128 KiB): the gather then writes final values, 2 B a weight
-        soft_table = table.expand(table_output(table.u, c, tau))
+        table, c, soft_table = table_forward(counts, dtype, c0, tau, iters, compact=compact)
+        del counts
         soft = gather_table(soft_table.to(out_dtype or weight.dtype), weight, **ops)
         # Nothing N-sized beyond the weight itself (which the layer holds anyway): the rows
         # are recomputed from it in backward.
@@ -306,38 +385,16 @@ class UniqueDKM(torch.autograd.Function):
         table: Table = ctx.table
         ops: dict[str, Any] = ctx.ops
         need_w, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_rows = None
-        if grad_soft is not None:
-            g_rows = table.reduce(scatter_bins(grad_soft, weight, **ops))
-        with torch.enable_grad():
-            # u feeds the k-means iterations as a leaf; the final soft assignment sees u as a
-            # constant (its derivative is the closed-form local slope below).
-            u_iter = table.u.detach().requires_grad_(need_w)
-            c_start = c0.detach().requires_grad_(need_c)
-            c_t = table_iterations(u_iter, table.n, c_start, tau, ctx.iters)
-            loss = torch.zeros((), device=c0.device)
-            if g_rows is not None:
-                loss = loss + (table_output(table.u, c_t, tau) * g_rows).sum()
-            if grad_c is not None:
-                loss = loss + (c_t * grad_c).sum()
-            leaves = [t for t, need in ((u_iter, need_w), (c_start, need_c)) if need]
-            grads = list(torch.autograd.grad(loss, leaves, allow_unused=True)) if leaves else []
-        grad_w = grad_c0 = None
-        if need_c:
-            grad_c0 = grads.pop()
-            if grad_c0 is None:
-                grad_c0 = torch.zeros_like(c0)
-        if need_w:
-            d_u = grads.pop()
-            n = table.n
-            shared = torch.zeros_like(n) if d_u is None else d_u / torch.where(n > 0, n, 1.0)
-            shared = table.expand(torch.where(n > 0, shared, 0.0))
+        g_bins = None if grad_soft is None else scatter_bins(grad_soft, weight, **ops)
+        grad_c0, per_row = table_backward(
+            table, c0, tau, ctx.iters, g_bins, grad_c, need_w=need_w, need_c=need_c
+        )
+        grad_w = None
+        if per_row is not None:
             if grad_soft is None:  # only c_T received a gradient: H[b_i]
-                grad_w = gather_table(shared.to(weight.dtype), weight, **ops)
+                grad_w = gather_table(per_row.to(weight.dtype), weight, **ops)
             else:
-                slope = table.expand(local_slope(table.u, c_t.detach(), tau))
-                slope_path = torch.stack([slope, shared], dim=-1)
-                grad_w = unique_grad(grad_soft, weight, slope_path, **ops)
+                grad_w = unique_grad(grad_soft, weight, per_row, **ops)
         return grad_w, grad_c0, None, None, None, None, None, None, None
 
 

@@ -117,6 +117,8 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
+    if (path / "sharded.json").is_file():  # a DCP checkpoint of a sharded run (edkm.shard)
+        return path
     missing = [f for f in _FILES if not (path / f).is_file()]
     if missing:
         raise InputError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")

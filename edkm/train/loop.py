@@ -341,6 +341,14 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     accelerator = _accelerator(cfg)
+    # under torchrun / accelerate launch: FSDP2 + edkm's sharded DKM (edkm.shard.train); the
+    # sharded run then stands in for the Accelerator (device, backward, clipping, checkpoints)
+    from edkm.shard.train import launched_run
+
+    sharded = launched_run(model, cfg, accelerator)
+    if sharded is not None:
+        accelerator = sharded
+    main = sharded is None or sharded.is_main
     # a teacher given without distillation is not run
     teacher = teacher.to(accelerator.device) if teacher is not None and cfg.distill > 0 else None
     params = trainable_parameters(model, cfg)
@@ -348,21 +356,27 @@ def train(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     if resume:
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
+        if ckpt is not None and sharded is not None:
+            state = sharded.load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler)
+        elif ckpt is not None:
             state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-    log_path = run_dir / LOG_FILE
-    _truncate_log(log_path, state.step)
+    log_path = run_dir / LOG_FILE if main else Path(os.devnull)
+    if main:
+        _truncate_log(log_path, state.step)
     sigterm_at = int(os.environ.get(_SIGTERM_AT_ENV, "-1"))
     model.train()
     start_wall = time.perf_counter() - state.elapsed_s
     with (
         _SignalFlag() as flag,
         log_path.open("a") as log,
-        progress(total=cfg.steps, desc="train", unit="step", disable=not show_progress) as bar,
+        progress(
+            total=cfg.steps, desc="train", unit="step", disable=not (show_progress and main)
+        ) as bar,
         offload_dkm_layers(model, offload or OffloadConfig()) as hooks,
     ):
         bar.update(state.step)
@@ -387,12 +401,18 @@ def train(
                 os.kill(os.getpid(), signal.SIGTERM)
             final = state.step == cfg.steps
             if flag.signum is not None or final or state.step % cfg.checkpoint_every == 0:
-                path = save_checkpoint(
-                    run_dir,
-                    model=accelerator.unwrap_model(model),
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    state=state,
+                path = (
+                    sharded.save_checkpoint(
+                        run_dir, optimizer=optimizer, scheduler=scheduler, state=state
+                    )
+                    if sharded is not None
+                    else save_checkpoint(
+                        run_dir,
+                        model=accelerator.unwrap_model(model),
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        state=state,
+                    )
                 )
                 if flag.signum is not None and not final:
                     raise TrainingInterrupted(flag.signum, state.step, path)
@@ -418,7 +438,10 @@ def _train_step(
     idx = block_indices(state.step, cfg, blocks.shape[0])
     total_loss = total_ce = total_kd = 0.0
     for micro in _chunks(idx, cfg.batch_size):
-        batch = blocks[micro].to(accelerator.device)
+        batch = blocks[micro]
+        if hasattr(accelerator, "local_batch"):  # a sharded run: this rank's share
+            batch = accelerator.local_batch(batch)
+        batch = batch.to(accelerator.device)
         with _autocast(accelerator.device, cfg):
             out = model(input_ids=batch, labels=batch)
             loss = out.loss
@@ -436,6 +459,8 @@ def _train_step(
     grad_norm = accelerator.clip_grad_norm_(
         [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
     )
+    if hasattr(accelerator, "mean"):  # a sharded run: the loss of the global batch
+        total_loss = accelerator.mean(total_loss)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
