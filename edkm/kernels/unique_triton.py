@@ -107,6 +107,30 @@ def _scatter_kernel(
 
 
 @triton.jit
+def _histogram_atomic_kernel(
+    w_ptr, hist_ptr, n, group_elems, n_rows,
+    FP32: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    rows = _table_rows(w_ptr, offs, mask, group_elems, FP32)
+    # one relaxed 4 B reduction per weight, straight into L2: no aggregation at all
+    tl.atomic_add(hist_ptr + rows, tl.full([BLOCK], 1, tl.int32), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _scatter_atomic_kernel(
+    w_ptr, g_ptr, out_ptr, n, group_elems, n_rows,
+    FP32: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    rows = _table_rows(w_ptr, offs, mask, group_elems, FP32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + rows, g, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _gather_kernel(
     w_ptr, table_ptr, out_ptr, n, group_elems, n_rows, FP32: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -167,28 +191,85 @@ def _launch(
     )  # fmt: skip
 
 
-class TritonBins:
-    """Launchers of the kernels above; same API as ``unique.TorchBins`` (``chunk`` unused)."""
+# The histogram and scatter-add passes have several implementations; ``HISTOGRAM`` and
+# ``SCATTER`` pick the one ``TritonBins`` (the "triton" backend) uses. All are exact (histograms
+# bit for bit, sums to fp32 rounding); they differ in speed only (benchmarks/kernels.py times
+# them side by side):
+# - "sorted": in-register bitonic sort of 1,024 weights, one atomic per distinct row per block;
+# - "atomic": one relaxed global atomic per weight (L2 absorbs the contention);
+# - "window": CUDA C, a block-private window of the table in shared memory
+#   (:mod:`edkm.kernels.unique_cuda`); CUDA tensors with NVRTC only, and LUT groups of at
+#   least ``unique_cuda.MIN_GROUP`` weights, else "atomic".
+METHODS = ("sorted", "atomic", "window")
+HISTOGRAM = "atomic"
+SCATTER = "atomic"
 
-    @staticmethod
-    def histogram(weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
-        hist = torch.zeros((groups, BINS), dtype=torch.int32, device=weight.device)
+
+def _window(weight: torch.Tensor, groups: int) -> bool:
+    from edkm.kernels import unique_cuda
+
+    return weight.numel() // groups >= unique_cuda.MIN_GROUP and unique_cuda.available(
+        weight.device
+    )
+
+
+def histogram(weight: torch.Tensor, groups: int, method: str | None = None) -> torch.Tensor:
+    """(G, 65536) int32 histogram of the patterns by ``method`` (default ``HISTOGRAM``)."""
+    method = method or HISTOGRAM
+    if method == "window" and _window(weight, groups):
+        from edkm.kernels import unique_cuda
+
+        return unique_cuda.histogram(weight, groups)
+    hist = torch.zeros((groups, BINS), dtype=torch.int32, device=weight.device)
+    if method == "sorted":
         block = sort_block()
         _launch(
             _histogram_kernel, block, weight, groups, hist,
             LOG_BLOCK=block.bit_length() - 1, num_warps=8,
         )  # fmt: skip
-        return hist
+    elif method in ("atomic", "window"):
+        block = stream_block(weight.numel())
+        _launch(_histogram_atomic_kernel, block, weight, groups, hist, num_warps=4)
+    else:
+        raise ValueError(f"histogram method must be one of {METHODS}, got {method!r}")
+    return hist
 
-    @staticmethod
-    def scatter(grad: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
-        out = torch.zeros((groups, BINS), dtype=torch.float32, device=weight.device)
+
+def scatter(
+    grad: torch.Tensor, weight: torch.Tensor, groups: int, method: str | None = None
+) -> torch.Tensor:
+    """(G, 65536) fp32 scatter-add of ``grad`` into the patterns' rows by ``method`` (default
+    ``SCATTER``)."""
+    method = method or SCATTER
+    if method == "window" and _window(weight, groups):
+        from edkm.kernels import unique_cuda
+
+        return unique_cuda.scatter(grad, weight, groups)
+    out = torch.zeros((groups, BINS), dtype=torch.float32, device=weight.device)
+    if method == "sorted":
         block = sort_block()
         _launch(
             _scatter_kernel, block, weight, groups, grad.contiguous(), out,
             LOG_BLOCK=block.bit_length() - 1, num_warps=8,
         )  # fmt: skip
-        return out
+    elif method in ("atomic", "window"):
+        block = stream_block(weight.numel())
+        _launch(_scatter_atomic_kernel, block, weight, groups, grad.contiguous(), out, num_warps=4)
+    else:
+        raise ValueError(f"scatter method must be one of {METHODS}, got {method!r}")
+    return out
+
+
+class TritonBins:
+    """Launchers of the kernels above; same API as ``unique.TorchBins`` (``chunk`` unused)."""
+
+    @staticmethod
+    def histogram(weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+        return histogram(weight, groups)
+
+    @staticmethod
+    def scatter(grad: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+        return scatter(grad, weight, groups)
 
     @staticmethod
     def gather(table: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
