@@ -170,7 +170,9 @@ def check_methods(device: torch.device, methods: tuple[str, ...], small: bool) -
                 out = unique_triton.scatter(g, w, groups, m).reshape(-1)
                 err = (out.double() - truth).abs().max().item()
                 if not err <= 2 * ref_err + atol:
-                    failures[m] += f"scatter error {err:.3e} > 2*{ref_err:.3e}+{atol:.1e} at {tag}; "
+                    failures[m] += (
+                        f"scatter error {err:.3e} > 2*{ref_err:.3e}+{atol:.1e} at {tag}; "
+                    )
             except Exception as exc:  # report every method, whatever breaks
                 failures[m] += f"{type(exc).__name__}: {exc} at {tag}; "
         _sync(device)
@@ -199,7 +201,9 @@ def _copy_seconds(nbytes: int, device: torch.device, reps: int) -> float:
     return kernel_seconds(lambda: dst.copy_(src), device, reps)
 
 
-def bench_bandwidth(args: argparse.Namespace, device: torch.device, methods: list[str]) -> list[Record]:
+def bench_bandwidth(
+    args: argparse.Namespace, device: torch.device, methods: list[str]
+) -> list[Record]:
     """GB/s of every implementation of the per-weight passes beside a copy of the same bytes."""
     from edkm.kernels import unique_triton
     from edkm.kernels.unique import CHUNK, TorchBins, gather_table, unique_grad
@@ -213,7 +217,9 @@ def bench_bandwidth(args: argparse.Namespace, device: torch.device, methods: lis
     cases: list[tuple[str, str, int, Callable[[], object]]] = []
     for m in methods:
         cases.append(("histogram", m, 2 * n, lambda m=m: unique_triton.histogram(w, 1, m)))
-    cases.append(("histogram", "torch (index_add_)", 2 * n, lambda: TorchBins.histogram(w, 1, CHUNK)))
+    cases.append(
+        ("histogram", "torch (index_add_)", 2 * n, lambda: TorchBins.histogram(w, 1, CHUNK))
+    )
     for m in methods:
         cases.append(("scatter-add", m, 4 * n, lambda m=m: unique_triton.scatter(g, w, 1, m)))
     cases.append(
@@ -251,7 +257,9 @@ def bench_bandwidth(args: argparse.Namespace, device: torch.device, methods: lis
 DKMFunction = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def dkm_rows(device: torch.device, methods: list[str]) -> list[tuple[str, dict[str, Any], DKMFunction]]:
+def dkm_rows(
+    device: torch.device, methods: list[str]
+) -> list[tuple[str, dict[str, Any], DKMFunction]]:
     """(row name, fields, DKM function (weight, centroids, tau=, iters=)) for this device."""
     from edkm.dkm.soft import dkm_soft
     from edkm.dkm.unique import unique_dkm
@@ -345,7 +353,9 @@ def print_table(records: list[Record]) -> None:
         print(f"check {r['method']:8} {'ok' if r['passed'] else 'FAILED: ' + r['failure']}")
     bw = [r for r in records if r["case"] == "bandwidth"]
     if bw:
-        print(f"\n{'kernel':15} {'method':20} {'us':>9} {'GB/s':>8} {'copy GB/s':>10} {'x copy':>7}")
+        print(
+            f"\n{'kernel':15} {'method':20} {'us':>9} {'GB/s':>8} {'copy GB/s':>10} {'x copy':>7}"
+        )
         for r in bw:
             print(
                 f"{r['kernel']:15} {r['method']:20} {r['kernel_us']:9.1f} {r['kernel_gbps']:8.1f} "
@@ -378,7 +388,11 @@ def recommend(records: list[Record]) -> Record:
 
 
 def _output_path(out: Path | None, device: torch.device) -> Path:
-    slug = "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
+    slug = (
+        "cpu"
+        if device.type != "cuda"
+        else re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
+    )
     name = f"kernels_{slug}.json"
     if out is None:
         return RESULTS / name
@@ -401,7 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.probe_window:  # child process of probe_window()
-        failure = check_methods(device, ("window",), small=False)["window"]
+        from edkm.kernels import unique_cuda
+
+        if not unique_cuda.available(device):
+            print("the window kernels cannot run here (no NVRTC, or < 128 KiB shared memory)")
+            return 1
+        failure = unique_cuda.self_check(device.index or 0)
+        failure = failure or check_methods(device, ("window",), small=False)["window"]
         print(failure or "window kernels passed")
         return 1 if failure else 0
     gpu = device.type == "cuda"

@@ -40,7 +40,7 @@ import os
 
 import torch
 
-__all__ = ["MIN_GROUP", "available", "compile_cubin", "histogram", "scatter"]
+__all__ = ["MIN_GROUP", "available", "compile_cubin", "histogram", "scatter", "self_check"]
 
 # LUT groups with fewer weights than this flush the 128 KiB window more than once per 32 K
 # weights: the per-weight Triton kernels are cheaper there.
@@ -50,28 +50,52 @@ THREADS = 1024
 
 _SOURCE = r"""
 #define WINDOW 32768
-#define UNROLL 4
 
-// 16-bit pattern of weight i: the bits of a 16-bit weight, or an fp32 weight rounded to bf16
-// (ties to even; NaN -> 0x7FC0, as PyTorch's cast)
-__device__ __forceinline__ unsigned int pattern16(const void* w, long long i, int fp32) {
+__device__ __forceinline__ unsigned int round_bf16(unsigned int x) {
+  // fp32 bits -> bf16 pattern, ties to even; NaN -> 0x7FC0 (PyTorch's cast)
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+  return (unsigned int)(((unsigned long long)x + 0x7FFFull + ((x >> 16) & 1u)) >> 16) & 0xFFFFu;
+}
+
+__device__ __forceinline__ float half_bits(unsigned int h, int kind) {
+  // a 16-bit gradient as fp32: kind 1 bf16, 2 fp16
+  if (kind == 1) return __uint_as_float(h << 16);
+  unsigned short s = (unsigned short)h;
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
+  return f;
+}
+
+// the 16-bit pattern of weight i (fp32 weights rounded to bf16)
+__device__ __forceinline__ unsigned int pattern1(const void* w, long long i, int fp32) {
+  return fp32 ? round_bf16(((const unsigned int*)w)[i]) : ((const unsigned short*)w)[i];
+}
+
+// the patterns of weights 4v .. 4v+3 (one 8 B or 16 B load; the caller checked alignment)
+__device__ __forceinline__ void pattern4(const void* w, long long v, int fp32, unsigned int p[4]) {
   if (fp32) {
-    unsigned int x = ((const unsigned int*)w)[i];
-    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-    unsigned long long r = ((unsigned long long)x + 0x7FFFull + ((x >> 16) & 1u)) >> 16;
-    return (unsigned int)r & 0xFFFFu;
+    uint4 q = ((const uint4*)w)[v];
+    p[0] = round_bf16(q.x); p[1] = round_bf16(q.y); p[2] = round_bf16(q.z); p[3] = round_bf16(q.w);
+  } else {
+    uint2 q = ((const uint2*)w)[v];
+    p[0] = q.x & 0xFFFFu; p[1] = q.x >> 16; p[2] = q.y & 0xFFFFu; p[3] = q.y >> 16;
   }
-  return ((const unsigned short*)w)[i];
 }
 
 // upstream gradient i as fp32: kind 0 fp32, 1 bf16, 2 fp16
-__device__ __forceinline__ float grad_value(const void* g, long long i, int kind) {
-  if (kind == 0) return ((const float*)g)[i];
-  unsigned short h = ((const unsigned short*)g)[i];
-  if (kind == 1) return __uint_as_float(((unsigned int)h) << 16);
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
+__device__ __forceinline__ float grad1(const void* g, long long i, int kind) {
+  return kind == 0 ? ((const float*)g)[i] : half_bits(((const unsigned short*)g)[i], kind);
+}
+
+__device__ __forceinline__ void grad4(const void* g, long long v, int kind, float x[4]) {
+  if (kind == 0) {
+    float4 q = ((const float4*)g)[v];
+    x[0] = q.x; x[1] = q.y; x[2] = q.z; x[3] = q.w;
+  } else {
+    uint2 q = ((const uint2*)g)[v];
+    x[0] = half_bits(q.x & 0xFFFFu, kind); x[1] = half_bits(q.x >> 16, kind);
+    x[2] = half_bits(q.y & 0xFFFFu, kind); x[3] = half_bits(q.y >> 16, kind);
+  }
 }
 
 // shared-memory slot of a pattern (sign bit -> bit 14, low 14 bits kept), -1 outside the window
@@ -83,42 +107,61 @@ __device__ __forceinline__ unsigned int slot_pattern(int s) {
   return ((unsigned int)(s & 0x4000) << 1) | (unsigned int)(s & 0x3FFF);
 }
 
-// the block's range [lo, hi) of the n weights, split at LUT-group boundaries
-__device__ __forceinline__ void block_range(long long n, long long* lo, long long* hi) {
-  long long per = (n + gridDim.x - 1) / gridDim.x;
-  *lo = min(n, (long long)blockIdx.x * per);
-  *hi = min(n, *lo + per);
+__device__ __forceinline__ void count(unsigned int* counts, int* table, unsigned int p) {
+  int s = window_slot(p);
+  if (s >= 0) atomicAdd(&counts[s], 1u);
+  else atomicAdd(&table[p], 1);
 }
 
+__device__ __forceinline__ void add(float* sums, float* table, unsigned int p, float v) {
+  int s = window_slot(p);
+  if (s >= 0) atomicAdd(&sums[s], v);
+  else atomicAdd(&table[p], v);
+}
+
+// The block's range of the n weights: [lo, hi). Each LUT-group segment [lo, stop) of it is
+// read as an aligned middle of 4-weight vectors [a0, a1) (when `aligned`) and scalar ends.
+#define SEGMENTS_BEGIN                                                                       \
+  long long per = (n + gridDim.x - 1) / gridDim.x;                                           \
+  long long lo = min(n, (long long)blockIdx.x * per);                                        \
+  long long hi = min(n, lo + per);                                                           \
+  const long long step = blockDim.x;                                                         \
+  while (lo < hi) {                                                                          \
+    long long grp = lo / group_elems;                                                        \
+    long long stop = min(hi, (grp + 1) * group_elems);                                       \
+    long long a0 = aligned ? min(stop, (lo + 3) & ~3LL) : stop;                              \
+    long long a1 = aligned ? a0 + ((stop - a0) & ~3LL) : stop;
+
+#define SEGMENTS_END                                                                         \
+    lo = stop;                                                                               \
+  }
+
 extern "C" __global__ void __launch_bounds__(1024)
-edkm_histogram_window(const void* w, int* hist, long long n, long long group_elems, int fp32) {
+edkm_histogram_window(const void* w, int* hist, long long n, long long group_elems, int fp32,
+                      int aligned) {
   extern __shared__ unsigned int counts[];
-  long long lo, hi;
-  block_range(n, &lo, &hi);
   for (int s = threadIdx.x; s < WINDOW; s += blockDim.x) counts[s] = 0u;
   __syncthreads();
-  while (lo < hi) {
-    long long g = lo / group_elems;
-    long long stop = min(hi, (g + 1) * group_elems);
-    int* table = hist + g * 65536;
-    long long i = lo + threadIdx.x;
-    const long long step = blockDim.x;
-    for (; i + (UNROLL - 1) * step < stop; i += UNROLL * step) {
-      unsigned int p[UNROLL];
+  SEGMENTS_BEGIN
+    int* table = hist + grp * 65536;
+    for (long long i = lo + threadIdx.x; i < a0; i += step) count(counts, table, pattern1(w, i, fp32));
+    for (long long i = a1 + threadIdx.x; i < stop; i += step) count(counts, table, pattern1(w, i, fp32));
+    long long v = a0 / 4 + threadIdx.x;
+    const long long v1 = a1 / 4;
+    for (; v + 3 * step < v1; v += 4 * step) {  // 4 vectors in flight per thread
+      unsigned int p[4][4];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) p[u] = pattern16(w, i + u * step, fp32);
+      for (int u = 0; u < 4; ++u) pattern4(w, v + u * step, fp32, p[u]);
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        int s = window_slot(p[u]);
-        if (s >= 0) atomicAdd(&counts[s], 1u);
-        else atomicAdd(&table[p[u]], 1);
-      }
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) count(counts, table, p[u][k]);
     }
-    for (; i < stop; i += step) {
-      unsigned int p = pattern16(w, i, fp32);
-      int s = window_slot(p);
-      if (s >= 0) atomicAdd(&counts[s], 1u);
-      else atomicAdd(&table[p], 1);
+    for (; v < v1; v += step) {
+      unsigned int p[4];
+      pattern4(w, v, fp32, p);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) count(counts, table, p[k]);
     }
     __syncthreads();
     for (int s = threadIdx.x; s < WINDOW; s += blockDim.x) {
@@ -129,57 +172,54 @@ edkm_histogram_window(const void* w, int* hist, long long n, long long group_ele
       }
     }
     __syncthreads();
-    lo = stop;
-  }
+  SEGMENTS_END
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 edkm_scatter_window(const void* w, const void* g, float* out, long long n, long long group_elems,
-                    int fp32, int grad_kind) {
+                    int fp32, int kind, int aligned) {
   extern __shared__ float sums[];
-  long long lo, hi;
-  block_range(n, &lo, &hi);
   for (int s = threadIdx.x; s < WINDOW; s += blockDim.x) sums[s] = 0.0f;
   __syncthreads();
-  while (lo < hi) {
-    long long grp = lo / group_elems;
-    long long stop = min(hi, (grp + 1) * group_elems);
+  SEGMENTS_BEGIN
     float* table = out + grp * 65536;
-    long long i = lo + threadIdx.x;
-    const long long step = blockDim.x;
-    for (; i + (UNROLL - 1) * step < stop; i += UNROLL * step) {
-      unsigned int p[UNROLL];
-      float v[UNROLL];
+    for (long long i = lo + threadIdx.x; i < a0; i += step)
+      add(sums, table, pattern1(w, i, fp32), grad1(g, i, kind));
+    for (long long i = a1 + threadIdx.x; i < stop; i += step)
+      add(sums, table, pattern1(w, i, fp32), grad1(g, i, kind));
+    long long v = a0 / 4 + threadIdx.x;
+    const long long v1 = a1 / 4;
+    for (; v + step < v1; v += 2 * step) {  // 2 vectors of weights and gradients in flight
+      unsigned int p[2][4];
+      float x[2][4];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        p[u] = pattern16(w, i + u * step, fp32);
-        v[u] = grad_value(g, i + u * step, grad_kind);
+      for (int u = 0; u < 2; ++u) {
+        pattern4(w, v + u * step, fp32, p[u]);
+        grad4(g, v + u * step, kind, x[u]);
       }
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        int s = window_slot(p[u]);
-        if (s >= 0) atomicAdd(&sums[s], v[u]);
-        else atomicAdd(&table[p[u]], v[u]);
-      }
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) add(sums, table, p[u][k], x[u][k]);
     }
-    for (; i < stop; i += step) {
-      unsigned int p = pattern16(w, i, fp32);
-      float v = grad_value(g, i, grad_kind);
-      int s = window_slot(p);
-      if (s >= 0) atomicAdd(&sums[s], v);
-      else atomicAdd(&table[p], v);
+    for (; v < v1; v += step) {
+      unsigned int p[4];
+      float x[4];
+      pattern4(w, v, fp32, p);
+      grad4(g, v, kind, x);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) add(sums, table, p[k], x[k]);
     }
     __syncthreads();
     for (int s = threadIdx.x; s < WINDOW; s += blockDim.x) {
-      float v = sums[s];
-      if (v != 0.0f) {
-        atomicAdd(&table[slot_pattern(s)], v);
+      float x = sums[s];
+      if (x != 0.0f) {
+        atomicAdd(&table[slot_pattern(s)], x);
         sums[s] = 0.0f;
       }
     }
     __syncthreads();
-    lo = stop;
-  }
+  SEGMENTS_END
 }
 """
 
@@ -295,6 +335,43 @@ def available(device: torch.device | str = "cuda") -> bool:
         return False
 
 
+@functools.cache
+def self_check(device_index: int) -> str:
+    """Run both kernels once on ``device_index`` against ``torch.bincount`` / fp64
+    ``index_add_`` (two LUT groups, weights inside and outside the window, unaligned tails);
+    "" when they agree, else why not. Cached: the first call per device pays ~10 ms (plus the
+    NVRTC compile); ``unique_triton`` uses the window kernels only after it passed.
+
+    Example:
+        >>> self_check(0)  # doctest: +SKIP
+        ''
+    """
+    try:
+        dev = torch.device("cuda", device_index)
+        gen = torch.Generator().manual_seed(0)
+        for wdt, gdt in ((torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)):
+            w = torch.randn(6, 40_001, generator=gen) * 0.02
+            w.view(-1)[::9] *= 300.0
+            w.view(-1)[1::7] = 0.0
+            w = w.to(wdt).to(dev)
+            g = torch.randn(6, 40_001, generator=gen).to(gdt).to(dev)
+            w16 = w.view(torch.int16).to(torch.int64) & 0xFFFF
+            rows = (w16.view(2, -1) + torch.arange(2, device=dev).view(2, 1) * (1 << 16)).view(-1)
+            counts = torch.bincount(rows, minlength=2 << 16).view(2, -1)
+            if not torch.equal(histogram(w, 2).long(), counts):
+                return f"histogram differs from torch.bincount ({wdt} weights)"
+            gd = g.reshape(-1).double()
+            truth = torch.zeros(2 << 16, dtype=torch.float64, device=dev).index_add_(0, rows, gd)
+            scale = torch.zeros_like(truth).index_add_(0, rows, gd.abs())
+            err = (scatter(g, w, 2).reshape(-1).double() - truth).abs()
+            if bool((err > 1e-5 * scale + 1e-30).any()):
+                return f"scatter-add differs from index_add_ by {err.max().item():.3e} ({gdt})"
+        torch.cuda.synchronize(dev)
+        return ""
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def _launch(name: str, device: torch.device, n: int, args: list[object]) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = _functions(index)[name]
@@ -304,12 +381,11 @@ def _launch(name: str, device: torch.device, n: int, args: list[object]) -> None
     ]  # the argument values must stay alive until the launch returns
     params = (ctypes.c_void_p * len(keep))(*[ctypes.addressof(k) for k in keep])  # type: ignore[arg-type]
     stream = ctypes.c_void_p(torch.cuda.current_stream(index).cuda_stream)
-    _check_cu(
-        _driver().cuLaunchKernel(
+    with torch.cuda.device(index):  # the module lives in this device's context
+        code = _driver().cuLaunchKernel(
             fn, blocks, 1, 1, THREADS, 1, 1, WINDOW_BYTES, stream, params, None
-        ),
-        name,
-    )
+        )
+    _check_cu(code, name)
 
 
 def _weight_args(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int, int]:
@@ -320,12 +396,20 @@ def _weight_args(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, 
     return w, n, max(1, n // groups), int(w.dtype == torch.float32)
 
 
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Whether 4-element vector loads are aligned (8 B for 16-bit, 16 B for 32-bit values)."""
+    return all(t.data_ptr() % (4 * t.element_size()) == 0 for t in tensors)
+
+
 def histogram(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """(G, 65536) int32 count of each pattern (``TorchBins.histogram``), on CUDA."""
     hist = torch.zeros((groups, 1 << 16), dtype=torch.int32, device=weight.device)
     w, n, per_group, fp32 = _weight_args(weight, groups)
     if n:
-        args = [w, hist, ctypes.c_longlong(n), ctypes.c_longlong(per_group), ctypes.c_int(fp32)]
+        args = [
+            w, hist, ctypes.c_longlong(n), ctypes.c_longlong(per_group), ctypes.c_int(fp32),
+            ctypes.c_int(_aligned(w)),
+        ]  # fmt: skip
         _launch("edkm_histogram_window", w.device, n, args)
     return hist
 
@@ -343,7 +427,7 @@ def scatter(grad: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tens
     if n:
         args = [
             w, g, out, ctypes.c_longlong(n), ctypes.c_longlong(per_group), ctypes.c_int(fp32),
-            ctypes.c_int(_GRAD_KIND[g.dtype]),
+            ctypes.c_int(_GRAD_KIND[g.dtype]), ctypes.c_int(_aligned(w, g)),
         ]  # fmt: skip
         _launch("edkm_scatter_window", w.device, n, args)
     return out

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -193,30 +194,49 @@ def _launch(
 
 # The histogram and scatter-add passes have several implementations; ``HISTOGRAM`` and
 # ``SCATTER`` pick the one ``TritonBins`` (the "triton" backend) uses. All are exact (histograms
-# bit for bit, sums to fp32 rounding); they differ in speed only (benchmarks/kernels.py times
-# them side by side):
+# bit for bit, sums to fp32 rounding); they differ in speed only (benchmarks/kernels.py checks
+# and times them side by side):
 # - "sorted": in-register bitonic sort of 1,024 weights, one atomic per distinct row per block;
 # - "atomic": one relaxed global atomic per weight (L2 absorbs the contention);
 # - "window": CUDA C, a block-private window of the table in shared memory
-#   (:mod:`edkm.kernels.unique_cuda`); CUDA tensors with NVRTC only, and LUT groups of at
-#   least ``unique_cuda.MIN_GROUP`` weights, else "atomic".
+#   (:mod:`edkm.kernels.unique_cuda`): shared-memory atomics, one global atomic per occupied
+#   row per block. Used on CUDA tensors once its self-check passed on the device (NVRTC found,
+#   results equal to torch's), for LUT groups of at least ``unique_cuda.MIN_GROUP`` weights;
+#   anything else runs "atomic" (CPU tensors under the interpreter included).
 METHODS = ("sorted", "atomic", "window")
-HISTOGRAM = "atomic"
-SCATTER = "atomic"
+HISTOGRAM = "window"
+SCATTER = "window"
 
 
-def _window(weight: torch.Tensor, groups: int) -> bool:
+def window_usable(weight: torch.Tensor, groups: int) -> bool:
+    """Whether the "window" method runs the shared-memory kernels for this weight."""
+    if weight.device.type != "cuda" or weight.numel() // groups < _min_group():
+        return False
     from edkm.kernels import unique_cuda
 
-    return weight.numel() // groups >= unique_cuda.MIN_GROUP and unique_cuda.available(
-        weight.device
-    )
+    if not unique_cuda.available(weight.device):
+        return False
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    failure = unique_cuda.self_check(index)
+    if failure and index not in _WARNED:
+        _WARNED.add(index)
+        warnings.warn(f"edkm: shared-memory histogram kernels disabled: {failure}", stacklevel=3)
+    return not failure
+
+
+_WARNED: set[int] = set()
+
+
+def _min_group() -> int:
+    from edkm.kernels.unique_cuda import MIN_GROUP
+
+    return MIN_GROUP
 
 
 def histogram(weight: torch.Tensor, groups: int, method: str | None = None) -> torch.Tensor:
     """(G, 65536) int32 histogram of the patterns by ``method`` (default ``HISTOGRAM``)."""
     method = method or HISTOGRAM
-    if method == "window" and _window(weight, groups):
+    if method == "window" and window_usable(weight, groups):
         from edkm.kernels import unique_cuda
 
         return unique_cuda.histogram(weight, groups)
@@ -241,7 +261,7 @@ def scatter(
     """(G, 65536) fp32 scatter-add of ``grad`` into the patterns' rows by ``method`` (default
     ``SCATTER``)."""
     method = method or SCATTER
-    if method == "window" and _window(weight, groups):
+    if method == "window" and window_usable(weight, groups):
         from edkm.kernels import unique_cuda
 
         return unique_cuda.scatter(grad, weight, groups)
