@@ -330,7 +330,10 @@ def available(device: torch.device | str = "cuda") -> bool:
         _nvrtc()
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        return int(getattr(props, "shared_memory_per_block_optin", 0)) >= WINDOW_BYTES
+        optin = getattr(props, "shared_memory_per_block_optin", None)
+        if optin is None:  # older PyTorch: every sm_80+ GPU opts in to >= 163 KiB per block
+            return int(props.major) >= 8
+        return int(optin) >= WINDOW_BYTES
     except (OSError, RuntimeError):
         return False
 

@@ -8,12 +8,14 @@ implementation they are held to is ``unique.TorchBins``; read it first.
 Every kernel reads each weight's bit pattern and turns it into the table row
 ``group * 65536 + pattern``: 2 B/weight for bf16/fp16 weights, 4 B/weight for fp32 weights,
 rounded in registers to their bf16 pattern (to nearest even, as ``Tensor.to(torch.bfloat16)``
-does), so an fp32 weight never needs a bf16 copy. The histogram and the scatter-add aggregate
-inside a block before touching global memory, so a popular bin (zero, or a weight repeated all
-over the tensor) costs one atomic per block rather than one per weight: the block's rows are
-sorted (bitonic network in registers), equal rows form runs, a ``tl.histogram`` over run ids
-counts each run (a block-local partial histogram), and only the first (or last) lane of each run
-issues the global atomic.
+does), so an fp32 weight never needs a bf16 copy.
+
+The histogram and the scatter-add have several implementations, picked by ``HISTOGRAM`` and
+``SCATTER`` below (docs/histogram_kernels.md): "sorted" aggregates inside a block before
+touching global memory (the block's rows are sorted by a bitonic network in registers, equal
+rows form runs, a ``tl.histogram`` over run ids counts each run, and only the first (or last)
+lane of each run issues the global atomic); "atomic" issues one relaxed global atomic per
+weight; "window" (the default) runs the shared-memory kernels of :mod:`edkm.kernels.unique_cuda`.
 
 Example:
     >>> import torch

@@ -220,6 +220,22 @@ def test_window_kernels_on_cuda(error_rule, case):
     )
 
 
+def test_unknown_method_is_rejected(triton_backend, device):
+    from edkm.kernels import unique_triton
+
+    w = torch.zeros(4, 4, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="histogram method"):
+        unique_triton.histogram(w, 1, "bucket")
+    with pytest.raises(ValueError, match="scatter method"):
+        unique_triton.scatter(w, w, 1, "bucket")
+
+
+def test_window_falls_back_off_cuda():
+    from edkm.kernels import unique_cuda
+
+    assert not unique_cuda.available("cpu")
+
+
 def test_window_source_compiles():
     from edkm.kernels import unique_cuda
 
