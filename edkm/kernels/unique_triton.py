@@ -8,12 +8,14 @@ implementation they are held to is ``unique.TorchBins``; read it first.
 Every kernel reads each weight's bit pattern and turns it into the table row
 ``group * 65536 + pattern``: 2 B/weight for bf16/fp16 weights, 4 B/weight for fp32 weights,
 rounded in registers to their bf16 pattern (to nearest even, as ``Tensor.to(torch.bfloat16)``
-does), so an fp32 weight never needs a bf16 copy. The histogram and the scatter-add aggregate
-inside a block before touching global memory, so a popular bin (zero, or a weight repeated all
-over the tensor) costs one atomic per block rather than one per weight: the block's rows are
-sorted (bitonic network in registers), equal rows form runs, a ``tl.histogram`` over run ids
-counts each run (a block-local partial histogram), and only the first (or last) lane of each run
-issues the global atomic.
+does), so an fp32 weight never needs a bf16 copy.
+
+The histogram and the scatter-add have several implementations, picked by ``HISTOGRAM`` and
+``SCATTER`` below (docs/histogram_kernels.md): "sorted" aggregates inside a block before
+touching global memory (the block's rows are sorted by a bitonic network in registers, equal
+rows form runs, a ``tl.histogram`` over run ids counts each run, and only the first (or last)
+lane of each run issues the global atomic); "atomic" issues one relaxed global atomic per
+weight; "window" (the default) runs the shared-memory kernels of :mod:`edkm.kernels.unique_cuda`.
 
 Example:
     >>> import torch
@@ -24,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -107,6 +110,30 @@ def _scatter_kernel(
 
 
 @triton.jit
+def _histogram_atomic_kernel(
+    w_ptr, hist_ptr, n, group_elems, n_rows,
+    FP32: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    rows = _table_rows(w_ptr, offs, mask, group_elems, FP32)
+    # one relaxed 4 B reduction per weight, straight into L2: no aggregation at all
+    tl.atomic_add(hist_ptr + rows, tl.full([BLOCK], 1, tl.int32), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _scatter_atomic_kernel(
+    w_ptr, g_ptr, out_ptr, n, group_elems, n_rows,
+    FP32: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    rows = _table_rows(w_ptr, offs, mask, group_elems, FP32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + rows, g, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _gather_kernel(
     w_ptr, table_ptr, out_ptr, n, group_elems, n_rows, FP32: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -167,28 +194,104 @@ def _launch(
     )  # fmt: skip
 
 
-class TritonBins:
-    """Launchers of the kernels above; same API as ``unique.TorchBins`` (``chunk`` unused)."""
+# The histogram and scatter-add passes have several implementations; ``HISTOGRAM`` and
+# ``SCATTER`` pick the one ``TritonBins`` (the "triton" backend) uses. All are exact (histograms
+# bit for bit, sums to fp32 rounding); they differ in speed only (benchmarks/kernels.py checks
+# and times them side by side):
+# - "sorted": in-register bitonic sort of 1,024 weights, one atomic per distinct row per block;
+# - "atomic": one relaxed global atomic per weight (L2 absorbs the contention);
+# - "window": CUDA C, a block-private window of the table in shared memory
+#   (:mod:`edkm.kernels.unique_cuda`): shared-memory atomics, one global atomic per occupied
+#   row per block. Used on CUDA tensors once its self-check passed on the device (NVRTC found,
+#   results equal to torch's), for LUT groups of at least ``unique_cuda.MIN_GROUP`` weights;
+#   anything else runs "atomic" (CPU tensors under the interpreter included).
+METHODS = ("sorted", "atomic", "window")
+HISTOGRAM = "window"
+SCATTER = "window"
 
-    @staticmethod
-    def histogram(weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
-        hist = torch.zeros((groups, BINS), dtype=torch.int32, device=weight.device)
+
+def window_usable(weight: torch.Tensor, groups: int) -> bool:
+    """Whether the "window" method runs the shared-memory kernels for this weight."""
+    if weight.device.type != "cuda" or weight.numel() // groups < _min_group():
+        return False
+    from edkm.kernels import unique_cuda
+
+    if not unique_cuda.available(weight.device):
+        return False
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    failure = unique_cuda.self_check(index)
+    if failure and index not in _WARNED:
+        _WARNED.add(index)
+        warnings.warn(f"edkm: shared-memory histogram kernels disabled: {failure}", stacklevel=3)
+    return not failure
+
+
+_WARNED: set[int] = set()
+
+
+def _min_group() -> int:
+    from edkm.kernels.unique_cuda import MIN_GROUP
+
+    return MIN_GROUP
+
+
+def histogram(weight: torch.Tensor, groups: int, method: str | None = None) -> torch.Tensor:
+    """(G, 65536) int32 histogram of the patterns by ``method`` (default ``HISTOGRAM``)."""
+    method = method or HISTOGRAM
+    if method == "window" and window_usable(weight, groups):
+        from edkm.kernels import unique_cuda
+
+        return unique_cuda.histogram(weight, groups)
+    hist = torch.zeros((groups, BINS), dtype=torch.int32, device=weight.device)
+    if method == "sorted":
         block = sort_block()
         _launch(
             _histogram_kernel, block, weight, groups, hist,
             LOG_BLOCK=block.bit_length() - 1, num_warps=8,
         )  # fmt: skip
-        return hist
+    elif method in ("atomic", "window"):
+        block = stream_block(weight.numel())
+        _launch(_histogram_atomic_kernel, block, weight, groups, hist, num_warps=4)
+    else:
+        raise ValueError(f"histogram method must be one of {METHODS}, got {method!r}")
+    return hist
 
-    @staticmethod
-    def scatter(grad: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
-        out = torch.zeros((groups, BINS), dtype=torch.float32, device=weight.device)
+
+def scatter(
+    grad: torch.Tensor, weight: torch.Tensor, groups: int, method: str | None = None
+) -> torch.Tensor:
+    """(G, 65536) fp32 scatter-add of ``grad`` into the patterns' rows by ``method`` (default
+    ``SCATTER``)."""
+    method = method or SCATTER
+    if method == "window" and window_usable(weight, groups):
+        from edkm.kernels import unique_cuda
+
+        return unique_cuda.scatter(grad, weight, groups)
+    out = torch.zeros((groups, BINS), dtype=torch.float32, device=weight.device)
+    if method == "sorted":
         block = sort_block()
         _launch(
             _scatter_kernel, block, weight, groups, grad.contiguous(), out,
             LOG_BLOCK=block.bit_length() - 1, num_warps=8,
         )  # fmt: skip
-        return out
+    elif method in ("atomic", "window"):
+        block = stream_block(weight.numel())
+        _launch(_scatter_atomic_kernel, block, weight, groups, grad.contiguous(), out, num_warps=4)
+    else:
+        raise ValueError(f"scatter method must be one of {METHODS}, got {method!r}")
+    return out
+
+
+class TritonBins:
+    """Launchers of the kernels above; same API as ``unique.TorchBins`` (``chunk`` unused)."""
+
+    @staticmethod
+    def histogram(weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+        return histogram(weight, groups)
+
+    @staticmethod
+    def scatter(grad: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+        return scatter(grad, weight, groups)
 
     @staticmethod
     def gather(table: torch.Tensor, weight: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:

@@ -151,6 +151,102 @@ def test_fp32_rounding_in_the_kernels_is_pytorch_rounding(triton_backend, device
     assert torch.equal(gather_table(table, w, backend=triton_backend).long(), patterns(w))
 
 
+METHODS = ("sorted", "atomic", "window")  # unique_triton.METHODS, without importing triton here
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", BIN_CASES, ids=_bin_id)
+def test_histogram_methods_bit_exact(triton_backend, device, case, method):
+    from edkm.kernels import unique_triton
+
+    assert unique_triton.METHODS == METHODS
+    kind, shape, gs, dtype = case
+    w = structured_weights(kind, shape, dtype, seed=7).to(device)
+    groups = _groups(shape, gs)
+    counted = torch.bincount(ref_rows(w, groups), minlength=groups * BINS).view(groups, BINS)
+    out = unique_triton.histogram(w, groups, method)
+    assert out.dtype == torch.int32 and out.shape == (groups, BINS)
+    assert torch.equal(out, counted.to(torch.int32))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", BIN_CASES, ids=_bin_id)
+def test_scatter_methods_match_fp64_sums(triton_backend, device, error_rule, case, method):
+    from edkm.kernels import unique_triton
+
+    kind, shape, gs, dtype = case
+    w = structured_weights(kind, shape, dtype, seed=8).to(device)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype).to(device)
+    groups = _groups(shape, gs)
+    truth = torch.zeros(groups * BINS, dtype=torch.float64, device=device)
+    truth.index_add_(0, ref_rows(w, groups), g.reshape(-1).double())
+    out = unique_triton.scatter(g, w, groups, method)
+    assert out.dtype == torch.float32 and out.shape == (groups, BINS)
+    same = scatter_bins(g, w, groups, backend="torch")
+    error_rule(f"scatter {method}", out.view(-1), truth, same.view(-1), 1e-7)
+
+
+# Shapes large enough for the shared-memory window kernels (LUT groups >= MIN_GROUP weights):
+# irregular and round, group boundaries inside a block's range, weights outside the window
+# ("wide": |w| >= 2), fp32 weights rounded in the kernel, 16-bit and fp32 gradients.
+WINDOW_CASES = [
+    ("ties", (1823, 781), None, torch.bfloat16, torch.float32),
+    ("wide", (1823, 781), None, torch.float16, torch.float16),
+    ("few", (512, 1024), 64, torch.bfloat16, torch.bfloat16),
+    ("wide", (300, 1000), 100, torch.float32, torch.float32),
+    ("ties", (256, 4096), 16, torch.bfloat16, torch.bfloat16),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the window kernels run on CUDA only")
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: f"{c[0]}-{c[1]}-g{c[2]}-{c[3]}")
+def test_window_kernels_on_cuda(error_rule, case):
+    from edkm.kernels import unique_cuda
+
+    kind, shape, gs, dtype, gdtype = case
+    assert unique_cuda.available("cuda"), "NVRTC or the shared-memory opt-in is missing"
+    w = structured_weights(kind, shape, dtype, seed=10).cuda()
+    groups = _groups(shape, gs)
+    assert w.numel() // groups >= unique_cuda.MIN_GROUP
+    rows = ref_rows(w, groups)
+    counted = torch.bincount(rows, minlength=groups * BINS).view(groups, BINS)
+    assert torch.equal(unique_cuda.histogram(w, groups), counted.to(torch.int32))
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(gdtype).cuda()
+    truth = torch.zeros(groups * BINS, dtype=torch.float64, device="cuda")
+    truth.index_add_(0, rows, g.reshape(-1).double())
+    same = scatter_bins(g, w, groups, backend="torch")
+    error_rule(
+        "window scatter", unique_cuda.scatter(g, w, groups).view(-1), truth, same.view(-1), 1e-7
+    )
+
+
+def test_unknown_method_is_rejected(triton_backend, device):
+    from edkm.kernels import unique_triton
+
+    w = torch.zeros(4, 4, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="histogram method"):
+        unique_triton.histogram(w, 1, "bucket")
+    with pytest.raises(ValueError, match="scatter method"):
+        unique_triton.scatter(w, w, 1, "bucket")
+
+
+def test_window_falls_back_off_cuda():
+    from edkm.kernels import unique_cuda
+
+    assert not unique_cuda.available("cpu")
+
+
+def test_window_source_compiles():
+    from edkm.kernels import unique_cuda
+
+    try:
+        unique_cuda._nvrtc()
+    except OSError:
+        pytest.skip("NVRTC is not installed")
+    cubin = unique_cuda.compile_cubin("90")
+    assert cubin[:4] == b"\x7fELF"  # a device ELF image
+
+
 @pytest.mark.parametrize("case", BIN_CASES, ids=_bin_id)
 @pytest.mark.parametrize("table_dtype", ["weight", "float32"])
 def test_gather_bit_exact(triton_backend, device, case, table_dtype):
