@@ -15,7 +15,8 @@ The histogram and the scatter-add have several implementations, picked by ``HIST
 touching global memory (the block's rows are sorted by a bitonic network in registers, equal
 rows form runs, a ``tl.histogram`` over run ids counts each run, and only the first (or last)
 lane of each run issues the global atomic); "atomic" issues one relaxed global atomic per
-weight; "window" (the default) runs the shared-memory kernels of :mod:`edkm.kernels.unique_cuda`.
+weight; "window" runs the shared-memory kernels of :mod:`edkm.kernels.unique_cuda`. "sorted" is
+the default (the only one timed on a GPU so far); ``EDKM_BINS_KERNEL`` picks another.
 
 Example:
     >>> import torch
@@ -26,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -205,9 +207,23 @@ def _launch(
 #   row per block. Used on CUDA tensors once its self-check passed on the device (NVRTC found,
 #   results equal to torch's), for LUT groups of at least ``unique_cuda.MIN_GROUP`` weights;
 #   anything else runs "atomic" (CPU tensors under the interpreter included).
+#
+# The default is "sorted", the only one of the three that has run compiled on a GPU (H100, H200:
+# 25.6 and 47.9 GB/s, benchmarks/results/kernels_nvidia-h200_before.json). "atomic" and
+# "window" are correct under the interpreter and compile for sm_90 but have not been timed on a
+# GPU yet: opt in with ``EDKM_BINS_KERNEL=window`` (or ``atomic``) and run benchmarks/kernels.py.
 METHODS = ("sorted", "atomic", "window")
-HISTOGRAM = "window"
-SCATTER = "window"
+
+
+def _default_method() -> str:
+    chosen = os.environ.get("EDKM_BINS_KERNEL", "sorted")
+    if chosen not in METHODS:
+        raise ValueError(f"EDKM_BINS_KERNEL must be one of {METHODS}, got {chosen!r}")
+    return chosen
+
+
+HISTOGRAM = _default_method()
+SCATTER = HISTOGRAM
 
 
 def window_usable(weight: torch.Tensor, groups: int) -> bool:
