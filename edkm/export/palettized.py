@@ -130,6 +130,12 @@ def save_palettized(model: nn.Module, path: str | os.PathLike[str], *, config: A
         layers=layer_map,
         tied=aliases,
     )
+    # pre-passes (slicing, pruning) changed the stock architecture: record how, so that loading
+    # can rebuild it (edkm.prepass.restructure) before the tensors are loaded
+    from edkm.prepass import manifests_of
+
+    if manifests_of(model):
+        meta["prepass"] = manifests_of(model)
     return write_checkpoint(path, tensors, meta)
 
 
@@ -147,6 +153,10 @@ def load_palettized(path: str | os.PathLike[str], *, dense: bool = False) -> nn.
     ckpt = read_checkpoint(path)
     file = ckpt.tensors_file
     model = hf.build_model(ckpt.meta["model_class"], ckpt.meta["model_config"], ckpt.meta_file)
+    if ckpt.meta.get("prepass"):  # a sliced / pruned model: rebuild its architecture first
+        from edkm.prepass import restructure
+
+        restructure(model, ckpt.meta["prepass"])
     model.to(ckpt.dtype)
     state = dict(ckpt.tensors)
     for name, stored in ckpt.layers.items():

@@ -53,6 +53,7 @@ from torch import nn
 from edkm.adapters import get_adapter
 from edkm.adapters.llama import SHORTCUT_ROLES, LlamaAdapter
 from edkm.errors import InputError
+from edkm.prepass import record_manifest
 from edkm.prepass.slicegpt_layers import (
     MANIFEST_KIND,
     MANIFEST_VERSION,
@@ -60,7 +61,6 @@ from edkm.prepass.slicegpt_layers import (
     linear_from,
     make_sliced,
     new_embedding,
-    record_manifest,
     restructure,
     set_norm,
     sliced_norm_weight,

@@ -45,7 +45,6 @@ __all__ = [
 
 MANIFEST_KIND = "slicegpt"
 MANIFEST_VERSION = 1
-MANIFESTS_ATTR = "_edkm_prepass_manifests"  # the manifests applied to a model, in order
 
 # LlamaDecoderLayer.forward's positional parameters after hidden_states (for callers that pass
 # them positionally), and the name the attention module uses for the KV cache: transformers
@@ -197,12 +196,6 @@ def untie_head(model: nn.Module) -> None:
         model.all_tied_weights_keys = {}
 
 
-def record_manifest(model: nn.Module, manifest: dict[str, Any]) -> None:
-    """Append ``manifest`` to the manifests the model carries (read when it is saved)."""
-    done = list(getattr(model, MANIFESTS_ATTR, []))
-    object.__setattr__(model, MANIFESTS_ATTR, [*done, manifest])
-
-
 def restructure(model: nn.Module, manifest: dict[str, Any]) -> None:
     """Reshape a freshly built stock LLaMA causal LM (real or meta) into the sliced layout.
 
@@ -251,4 +244,3 @@ def restructure(model: nn.Module, manifest: dict[str, Any]) -> None:
     model.set_submodule(
         head_name, new_linear(dims[-1], head.out_features, head.bias is not None, head.weight)
     )
-    record_manifest(model, manifest)
