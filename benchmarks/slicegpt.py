@@ -77,15 +77,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     base_params = parameter_count(dense)
     records: list[dict[str, Any]] = [
-        {"row": "dense", "sparsity": 0.0, "rotation": "-", "params": base_params,
-         "hidden_kept": dense.config.hidden_size, **measure(dense, "dense"), **setup}
+        {
+            "row": "dense",
+            "sparsity": 0.0,
+            "rotation": "-",
+            "params": base_params,
+            "hidden_kept": dense.config.hidden_size,
+            **measure(dense, "dense"),
+            **setup,
+        }
     ]
     base_ppl = records[0]["ppl"]
     for s in sparsities:
         for rotation in ("pca", "none"):
             model = copy.deepcopy(dense)
-            manifest = slice_model(model, calib, s, rotation=rotation, round_to=args.round_to,
-                                   show_progress=False)
+            manifest = slice_model(
+                model, calib, s, rotation=rotation, round_to=args.round_to, show_progress=False
+            )
             row = {
                 "row": f"{'SliceGPT' if rotation == 'pca' else 'drop, no rotation'} {s:g}",
                 "sparsity": s,

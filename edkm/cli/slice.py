@@ -191,8 +191,11 @@ def run_slice(args: argparse.Namespace) -> int:
         f"sliced {args.model}: residual width {manifest['hidden_size']} -> {min(dims)}"
         + (f"..{max(dims)}" if min(dims) != max(dims) else "")
         + f", parameters {before:,} -> {after:,} ({after / before:.3f}x"
-        + (", more than dense: the untied LM head and the shortcut matrices outweigh the slicing"
-           if after > before else "")
+        + (
+            ", more than dense: the untied LM head and the shortcut matrices outweigh the slicing"
+            if after > before
+            else ""
+        )
         + f"), {manifest['calibration']['blocks']} calibration blocks x "
         f"{manifest['calibration']['seq_len']} tokens, {time.perf_counter() - t0:.0f} s"
     )

@@ -62,7 +62,9 @@ class Recipe(ConfigBase):
                 self._fail(f"prepass[{i}]", str(err))
         object.__setattr__(self, "prepass", specs)
         if self.prepass_calib_blocks < 1:
-            self._fail("prepass_calib_blocks", f"must be at least 1, got {self.prepass_calib_blocks}")
+            self._fail(
+                "prepass_calib_blocks", f"must be at least 1, got {self.prepass_calib_blocks}"
+            )
 
     def with_overrides(self, **changes: object) -> Recipe:
         """A copy with dotted keys replaced, e.g. ``{"dkm.bits": 4, "train.steps": 10}``.

@@ -188,8 +188,11 @@ def _result_rows(report: dict[str, Any]) -> list[str]:
                 "; more than dense: the LM head untied from the embeddings and the residual "
                 "shortcut matrices add more than slicing removed at this size"
             )
-        rows += ["", note + f". Pre-pass calibration: {prepass['calib_blocks']} blocks x "
-                 f"{prepass['calib_seq_len']} tokens of the training split, {prepass['time_s']:.0f} s."]
+        rows += [
+            "",
+            note + f". Pre-pass calibration: {prepass['calib_blocks']} blocks x "
+            f"{prepass['calib_seq_len']} tokens of the training split, {prepass['time_s']:.0f} s.",
+        ]
     return rows
 
 

@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ from edkm.prepass.slicegpt_layers import (
     MANIFEST_KIND,
     MANIFEST_VERSION,
     SlicedLlamaDecoderLayer,
+    found_module,
     linear_from,
     make_sliced,
     new_embedding,
@@ -104,7 +106,7 @@ def check_sparsity(value: object, what: str = "sparsity") -> float:
 def _kept(hidden: int, sparsity: float, round_to: int) -> int:
     if sparsity == 0:
         return hidden  # rotation only: never sliced by rounding alone
-    kept = int(math.floor((1 - sparsity) * hidden + 1e-9))
+    kept = math.floor((1 - sparsity) * hidden + 1e-9)
     kept -= kept % round_to
     if kept < 1:
         raise InputError(
@@ -134,7 +136,7 @@ def kept_dims(
     """
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise InputError(f"round_to must be a positive integer, got {round_to!r}")
-    if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+    if not isinstance(sparsity, Sequence):
         per_layer = [check_sparsity(sparsity)] * num_layers
     else:
         per_layer = [check_sparsity(s, f"sparsity of layer {i}") for i, s in enumerate(sparsity)]
@@ -171,10 +173,8 @@ def _check_model(model: nn.Module) -> LlamaAdapter:
         if isinstance(module, SlicedLlamaDecoderLayer):
             raise InputError(f"'{name}' is already sliced; slice the original model")
     for i in range(len(adapter.blocks())):
-        for role, (name, norm) in adapter.block_norms(i).items():
-            if not type(norm).__name__.endswith("RMSNorm") or not hasattr(
-                norm, "variance_epsilon"
-            ):
+        for _role, (name, norm) in adapter.block_norms(i).items():
+            if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
                 raise InputError(
                     f"norm '{name}' is a {type(norm).__name__}; SliceGPT here needs RMSNorm "
                     f"(LLaMA-family) models"
@@ -203,19 +203,25 @@ def _capture_inputs(
     try:
         for start in range(0, calib.shape[0], CALIB_BATCH):
             ids = calib[start : start + CALIB_BATCH].to(device)
-            extra = {} if mask is None else {"attention_mask": mask[start : start + CALIB_BATCH].to(device)}
-            try:
+            extra = (
+                {}
+                if mask is None
+                else {"attention_mask": mask[start : start + CALIB_BATCH].to(device)}
+            )
+            with contextlib.suppress(_Stop):
                 model(input_ids=ids, use_cache=False, **extra)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return inputs, kwargs_list
 
 
 def _rotation(
-    kind: Rotation, signals: list[torch.Tensor] | None, masks: list[torch.Tensor | None], eps: float,
-    dim: int, generator: torch.Generator,
+    kind: Rotation,
+    signals: list[torch.Tensor] | None,
+    masks: list[torch.Tensor | None],
+    eps: float,
+    dim: int,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     if kind == "none":
         return torch.eye(dim, dtype=torch.float64)
@@ -228,7 +234,7 @@ def _rotation(
 
 
 def slice_model(
-    model: nn.Module,
+    model: Any,
     calib: torch.Tensor,
     sparsity: float | Sequence[float],
     *,
@@ -251,9 +257,11 @@ def slice_model(
     if rotation not in ("pca", "random", "none"):
         raise InputError(f"rotation must be 'pca', 'random' or 'none', got {rotation!r}")
     if calib.dim() != 2 or calib.shape[0] < 1 or calib.dtype != torch.int64:
-        raise InputError(f"calibration must be (n, seq_len) int64 token blocks, got {tuple(calib.shape)}")
+        raise InputError(
+            f"calibration must be (n, seq_len) int64 token blocks, got {tuple(calib.shape)}"
+        )
     blocks = adapter.blocks()
-    emb_name, emb = adapter.embedding()  # type: ignore[misc]
+    emb_name, emb = found_module(adapter.embedding())
     hidden = int(emb.weight.shape[1])
     dims = kept_dims(hidden, len(blocks), sparsity, round_to=round_to)
     t0 = time.perf_counter()
@@ -261,10 +269,12 @@ def slice_model(
     device, dtype = emb.weight.device, emb.weight.dtype
     generator = torch.Generator().manual_seed(seed)
     branches = adapter.residual_branches()
-    final_norm = adapter.final_norm()[1]  # type: ignore[index]
-    head_name, head = adapter.lm_head()  # type: ignore[misc]
+    final_norm: Any = found_module(adapter.final_norm())[1]
+    head_name, head = found_module(adapter.lm_head())
     eps = [
-        float(blk.get_submodule(b.norm).variance_epsilon) for _, blk in blocks for b in branches
+        float(getattr(blk.get_submodule(b.norm), "variance_epsilon"))  # noqa: B009
+        for _, blk in blocks
+        for b in branches
     ] + [float(final_norm.variance_epsilon)]
     was_training = model.training
     model.eval()
@@ -279,18 +289,24 @@ def slice_model(
         # each norm's weight is fused into the input channels of the layers it feeds, in the
         # same float64 product as their rotation (one rounding to the model's dtype)
         norm_w = [
-            blk.get_submodule(b.norm).weight.to(torch.float64) for _, blk in blocks for b in branches
+            blk.get_submodule(b.norm).weight.to(torch.float64)
+            for _, blk in blocks
+            for b in branches
         ] + [final_norm.weight.to(torch.float64)]
-        q = _rotation(rotation, inputs if need else None, masks, eps[0], hidden, generator).to(device)
+        q = _rotation(rotation, inputs if need else None, masks, eps[0], hidden, generator).to(
+            device
+        )
         qs = q[:, : dims[0]]
         model.set_submodule(emb_name, new_embedding(emb, emb.weight.to(torch.float64) @ qs))
         # the calibration signal, in the rotated and sliced basis (only PCA needs it)
         xs = [(x.to(torch.float64) @ qs).to(dtype) for x in inputs] if need else []
         del inputs
-        bar = progress(total=len(blocks), desc=f"slicing ({rotation})", unit="block", disable=not show_progress)
+        bar = progress(
+            total=len(blocks), desc=f"slicing ({rotation})", unit="block", disable=not show_progress
+        )
         with bar:
             for index, (_, block) in enumerate(blocks):
-                layer = make_sliced(block)
+                layer: Any = make_sliced(block)
                 for j, branch in enumerate(branches):
                     p = 2 * index + j
                     d_in, d_out = dims[p], dims[p + 1]
@@ -299,7 +315,9 @@ def slice_model(
                         w = (old.weight.to(torch.float64) * norm_w[p]) @ qs
                         layer.set_submodule(path, linear_from(w, old.bias, old.weight))
                     norm = layer.get_submodule(branch.norm)
-                    set_norm(norm, sliced_norm_weight(hidden, d_in, norm.weight), eps[p] * hidden / d_in)
+                    set_norm(
+                        norm, sliced_norm_weight(hidden, d_in, norm.weight), eps[p] * hidden / d_in
+                    )
                     # the branch's output, still in the unrotated basis (its writer is not
                     # rotated yet), plus the residual brought back to that basis
                     signals = []
@@ -319,8 +337,15 @@ def slice_model(
                     xs = [(s @ qn).to(dtype) for s in signals]
                     q, qs = q_next, qn
                 bar.update(1)
-        set_norm(final_norm, sliced_norm_weight(hidden, dims[-1], final_norm.weight), eps[-1] * hidden / dims[-1])
-        model.set_submodule(head_name, linear_from((head.weight.to(torch.float64) * norm_w[-1]) @ qs, head.bias, head.weight))
+        set_norm(
+            final_norm,
+            sliced_norm_weight(hidden, dims[-1], final_norm.weight),
+            eps[-1] * hidden / dims[-1],
+        )
+        model.set_submodule(
+            head_name,
+            linear_from((head.weight.to(torch.float64) * norm_w[-1]) @ qs, head.bias, head.weight),
+        )
     model.train(was_training)
     manifest: dict[str, Any] = {
         "kind": MANIFEST_KIND,

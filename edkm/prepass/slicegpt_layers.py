@@ -98,9 +98,7 @@ def make_sliced(layer: nn.Module) -> SlicedLlamaDecoderLayer:
     if isinstance(layer, SlicedLlamaDecoderLayer):
         return layer
     if type(layer) is not LlamaDecoderLayer:
-        raise InputError(
-            f"SliceGPT supports LlamaDecoderLayer blocks, got {type(layer).__name__}"
-        )
+        raise InputError(f"SliceGPT supports LlamaDecoderLayer blocks, got {type(layer).__name__}")
     layer.__class__ = SlicedLlamaDecoderLayer
     return layer  # type: ignore[return-value]
 
@@ -122,7 +120,7 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Ten
     return layer
 
 
-def new_embedding(old: nn.Embedding, weight: torch.Tensor) -> nn.Embedding:
+def new_embedding(old: Any, weight: torch.Tensor) -> nn.Embedding:
     """An ``nn.Embedding`` like ``old`` (vocabulary, padding index, device, dtype) whose width
     is ``weight``'s; it holds ``weight`` when that has a row per token, else is uninitialised."""
     like = old.weight
@@ -140,7 +138,7 @@ def new_embedding(old: nn.Embedding, weight: torch.Tensor) -> nn.Embedding:
     return emb
 
 
-def set_norm(norm: nn.Module, weight: torch.Tensor, eps: float) -> None:
+def set_norm(norm: Any, weight: torch.Tensor, eps: float) -> None:
     """Give a stock RMSNorm a new weight (and width) and ``variance_epsilon``."""
     old = norm.weight
     norm.weight = nn.Parameter(weight.to(device=old.device, dtype=old.dtype), old.requires_grad)
@@ -181,7 +179,7 @@ def untie_head(model: nn.Module) -> None:
     head = adapter.lm_head()
     if head is None:
         raise InputError("SliceGPT needs a causal LM with an LM head (e.g. LlamaForCausalLM)")
-    module = head[1]
+    module: Any = head[1]
     if adapter.tied_embeddings():
         w = module.weight
         fresh = torch.empty_like(w) if w.is_meta else w.detach().clone()
@@ -193,10 +191,16 @@ def untie_head(model: nn.Module) -> None:
         if callable(text) and text() is not config:
             text().tie_word_embeddings = False
     if hasattr(model, "all_tied_weights_keys"):
-        model.all_tied_weights_keys = {}
+        object.__setattr__(model, "all_tied_weights_keys", {})
 
 
-def restructure(model: nn.Module, manifest: dict[str, Any]) -> None:
+def found_module(found: tuple[str, nn.Module] | None) -> tuple[str, Any]:
+    if found is None:
+        raise InputError("SliceGPT needs a causal LM with embeddings and an LM head")
+    return found
+
+
+def restructure(model: Any, manifest: dict[str, Any]) -> None:
     """Reshape a freshly built stock LLaMA causal LM (real or meta) into the sliced layout.
 
     Afterwards ``model.state_dict()`` has the keys and shapes of the sliced model that
@@ -209,9 +213,11 @@ def restructure(model: nn.Module, manifest: dict[str, Any]) -> None:
     """
     adapter = get_adapter(model)
     if not isinstance(adapter, LlamaAdapter) or adapter.embedding() is None:
-        raise InputError(f"SliceGPT manifests apply to LLaMA causal LMs, not {type(model).__name__}")
+        raise InputError(
+            f"SliceGPT manifests apply to LLaMA causal LMs, not {type(model).__name__}"
+        )
     blocks = adapter.blocks()
-    emb_name, emb = adapter.embedding()  # type: ignore[misc]
+    emb_name, emb = found_module(adapter.embedding())
     hidden = int(emb.weight.shape[1])
     dims = check_manifest(manifest, len(blocks), hidden)
     eps = [float(e) for e in manifest["norm_eps"]]
@@ -220,7 +226,7 @@ def restructure(model: nn.Module, manifest: dict[str, Any]) -> None:
     model.set_submodule(emb_name, new_embedding(emb, torch.empty(0, dims[0], dtype=like.dtype)))
     branches = adapter.residual_branches()
     for index, (_, block) in enumerate(blocks):
-        layer = make_sliced(block)
+        layer: Any = make_sliced(block)
         for j, branch in enumerate(branches):
             p = 2 * index + j
             d_in, d_out = dims[p], dims[p + 1]
@@ -234,13 +240,15 @@ def restructure(model: nn.Module, manifest: dict[str, Any]) -> None:
                 branch.writer, new_linear(old.in_features, d_out, old.bias is not None, old.weight)
             )
             norm = layer.get_submodule(branch.norm)
-            set_norm(norm, torch.empty(d_in, dtype=torch.float64, device=norm.weight.device), eps[p])
+            set_norm(
+                norm, torch.empty(d_in, dtype=torch.float64, device=norm.weight.device), eps[p]
+            )
             setattr(layer, SHORTCUT_ROLES[j], new_linear(d_in, d_out, False, old.weight))
     final = adapter.final_norm()
     if final is None:
         raise InputError("SliceGPT needs a model with a final norm")
     set_norm(final[1], torch.empty(dims[-1], dtype=torch.float64, device=like.device), eps[-1])
-    head_name, head = adapter.lm_head()  # type: ignore[misc]
+    head_name, head = found_module(adapter.lm_head())
     model.set_submodule(
         head_name, new_linear(dims[-1], head.out_features, head.bias is not None, head.weight)
     )

@@ -27,7 +27,7 @@ import torch
 
 from edkm.errors import InputError
 
-__all__ = ["DAMPING", "PCAAccumulator", "rms_normalize", "random_orthogonal"]
+__all__ = ["DAMPING", "PCAAccumulator", "random_orthogonal", "rms_normalize"]
 
 DAMPING = 0.01  # times the mean diagonal of X^T X, added to its diagonal before eigh
 

@@ -35,7 +35,9 @@ def test_pca_matches_a_plain_eigendecomposition_with_padding_masked():
 
 def test_rms_normalize_and_random_orthogonal():
     x = torch.tensor([[1.0, -1.0, 1.0, -1.0], [2.0, 0.0, 0.0, 0.0]])
-    assert torch.allclose(rms_normalize(x), torch.tensor([[1.0, -1, 1, -1], [2.0, 0, 0, 0]]).double())
+    assert torch.allclose(
+        rms_normalize(x), torch.tensor([[1.0, -1, 1, -1], [2.0, 0, 0, 0]]).double()
+    )
     q = random_orthogonal(8, torch.Generator().manual_seed(3))
     assert torch.allclose(q.T @ q, torch.eye(8, dtype=torch.float64), atol=1e-12)
     assert not torch.allclose(q, random_orthogonal(8, torch.Generator().manual_seed(4)))
