@@ -118,3 +118,18 @@ def test_compress_with_slicing_end_to_end(tiny, capsys):
     assert main([*argv, "--out", str(out), "--resume"]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["results"]["prepass"] == results["prepass"]
+
+
+def test_benchmark_rows_on_the_tiny_model(tiny):
+    from benchmarks import slicegpt
+
+    out = tiny["tmp"] / "bench" / "slicegpt.json"
+    argv = ["--model", str(tiny["model"]), "--data", str(tiny["data"]), "--sparsities", "0.25"]
+    argv += ["--calib-blocks", "4", "--calib-seq-len", "16", "--seq-len", "16"]
+    records = slicegpt.main([*argv, "--max-windows", "2", "--out", str(out)])
+    assert [r["row"] for r in records] == ["dense", "SliceGPT 0.25", "drop, no rotation 0.25"]
+    assert [r["hidden_kept"] for r in records] == [64, 48, 48]
+    assert records[1]["params"] == records[2]["params"] != records[0]["params"]
+    assert all(r["ppl"] > 1 for r in records)
+    assert json.loads(out.read_text()) == records
+    assert "| SliceGPT 0.25 | 48 |" in out.with_suffix(".md").read_text()
