@@ -3,8 +3,11 @@
 ``compress(recipe, out=...)`` (and ``edkm compress``) runs, in one process:
 
 1. checks every input before any work (recipe, output folder, data long enough for a block);
-2. measures the original model and post-training baselines at the same bits (round-to-nearest
-   per tensor and per group of 128, and k-means) on the held-out text;
+2. measures the original model; with ``prepass`` (e.g. ``["slice:0.25"]``), runs each pre-pass
+   (:func:`edkm.prepass.run_prepass`) on calibration blocks of the training split, saves the
+   pre-passed model to ``prepass/`` (a resumed run loads it from there) and measures it;
+   then the post-training baselines at the same bits (round-to-nearest per tensor and per
+   group of 128, and k-means) of the model that will be palettized, on the held-out text;
 3. palettizes the selected layers and fine-tunes them with DKM (:mod:`edkm.train.loop`), with
    resumable checkpoints;
 4. measures the soft (DKM) model and finalizes it (hard assignment);
@@ -16,7 +19,8 @@
 
 Output folder layout: ``run.json`` (the recipe), ``train_log.jsonl``, ``checkpoints/``,
 ``baselines.json`` (kept so a resumed run does not measure them again), ``lut_tune/`` (the LUT
-phase's log and checkpoints, when it runs), ``model/`` (the
+phase's log and checkpoints, when it runs), ``prepass/`` (the pre-passed model, when
+``prepass`` is set; distillation then learns from the original, dense model), ``model/`` (the
 palettized model and its tokenizer), ``report.json``, ``report.md``.
 
 Example:
@@ -52,6 +56,7 @@ RUN_FILE = "run.json"
 BASELINES_FILE = "baselines.json"
 MODEL_DIR = "model"
 LUT_DIR = "lut_tune"
+PREPASS_DIR = "prepass"
 
 
 def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> None:
@@ -124,10 +129,28 @@ def _load_inputs(recipe: Recipe, tokenizer: Any) -> tuple[TextSplit, torch.Tenso
     return split, train_blocks, eval_ids
 
 
+def _cached_baselines(recipe: Recipe, out: Path) -> dict[str, Any] | None:
+    cached = out / BASELINES_FILE
+    if cached.is_file():
+        data: dict[str, Any] = json.loads(cached.read_text())
+        if data.get("recipe") == recipe.to_dict():
+            return dict(data["results"])
+    return None
+
+
 def _baselines(
-    model: torch.nn.Module, eval_ids: torch.Tensor, recipe: Recipe, out: Path, show: bool = True
+    model: torch.nn.Module,
+    eval_ids: torch.Tensor,
+    recipe: Recipe,
+    out: Path,
+    show: bool = True,
+    *,
+    dense: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the original model and of each post-training baseline (cached on disk).
+
+    With ``dense`` (the original model's row, measured before a pre-pass), ``model`` is the
+    pre-passed model: it is measured as row ``prepass`` and the baselines quantize it.
 
     Each baseline quantizes the selected weights in place and is measured; the original
     weights are then copied back from a host copy of those weights alone (no second model).
@@ -135,15 +158,15 @@ def _baselines(
     from edkm.eval.baselines import kmeans_, rtn_
     from edkm.nn.palettize import select_layers
 
-    cached = out / BASELINES_FILE
-    if cached.is_file():
-        data: dict[str, Any] = json.loads(cached.read_text())
-        if data.get("recipe") == recipe.to_dict():
-            return dict(data["results"])
+    previous = _cached_baselines(recipe, out)
+    if previous is not None:
+        return previous
     bits = recipe.dkm.bits
-    results: dict[str, Any] = {
-        "original": _eval(model, eval_ids, recipe, "original", show).to_dict()
-    }
+    if dense is None:
+        results = {"original": _eval(model, eval_ids, recipe, "original", show).to_dict()}
+    else:
+        row = _eval(model, eval_ids, recipe, "after pre-pass", show).to_dict()
+        results = {"original": dense, "prepass": {**row, "params": parameter_count(model)}}
     if recipe.eval.baselines:
         runs = {
             f"rtn_{bits}bit_per_tensor": lambda m: rtn_(m, bits, config=recipe.dkm),
@@ -160,8 +183,65 @@ def _baselines(
                 with torch.no_grad():
                     for w, original in zip(weights, saved):
                         w.copy_(original)
-    atomic.write_json(cached, {"recipe": recipe.to_dict(), "results": results})
+    atomic.write_json(out / BASELINES_FILE, {"recipe": recipe.to_dict(), "results": results})
     return results
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Weights of ``model``, tied tensors once, a palettized layer counted as its dense shape.
+
+    Example:
+        >>> parameter_count(torch.nn.Linear(3, 2))
+        8
+    """
+    from edkm.nn.palettized_linear import PalettizedLinear
+
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, PalettizedLinear):
+            total += module.out_features * module.in_features
+            seen.update(id(t) for t in module.parameters(recurse=False))
+            seen.update(id(t) for t in module.buffers(recurse=False))
+            total += 0 if module.bias is None else module.bias.numel()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _run_prepasses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    train_ids: torch.Tensor,
+    recipe: Recipe,
+    out: Path,
+    resume: bool,
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """Run ``recipe.prepass`` in order and save the result in ``out/prepass`` (atomically);
+    a resumed run whose folder is there loads it instead of running the pre-passes again."""
+    from edkm.prepass import (
+        is_structured_dir,
+        load_structured,
+        manifests_of,
+        parse_spec,
+        run_prepass,
+        save_structured,
+    )
+
+    folder = out / PREPASS_DIR
+    device = next(model.parameters()).device
+    if resume and is_structured_dir(folder):
+        loaded = load_structured(folder, dtype=next(model.parameters()).dtype, device=device)
+        return loaded, manifests_of(loaded)
+    calib = train_ids[: recipe.prepass_calib_blocks]
+    for spec in recipe.prepass:
+        name, amount = parse_spec(spec)
+        model, _ = run_prepass(name, model, tokenizer, calib, amount, seed=recipe.train.seed)
+    manifests = manifests_of(model)
+    save_structured(model, folder, manifests)
+    return model, manifests
 
 
 def compress(
@@ -193,8 +273,30 @@ def compress(
         prepare_output(out, recipe, resume=resume, overwrite=overwrite)
     model.to(training_device(recipe.train))  # baselines and evaluations run where training does
 
-    results = _baselines(model, eval_ids, recipe, out, show_progress) if main else {}
-    teacher = make_teacher(model) if recipe.train.distill > 0 else None
+    teacher = make_teacher(model) if recipe.train.distill > 0 else None  # the dense model
+    if recipe.prepass and launch is not None:
+        raise InputError(
+            "--prepass does not run under torchrun / accelerate launch: run 'edkm slice' or "
+            "'edkm prune' first and compress the folder it writes (--model DIR)"
+        )
+    prepass: dict[str, Any] | None = None
+    dense = None
+    if recipe.prepass:
+        cached = _cached_baselines(recipe, out)
+        dense = cached["original"] if cached else None
+        if dense is None:
+            dense = _eval(model, eval_ids, recipe, "original", show_progress).to_dict()
+            dense["params"] = parameter_count(model)
+        t_pre = time.perf_counter()
+        model, manifests = _run_prepasses(model, tokenizer, train_ids, recipe, out, resume)
+        prepass = {
+            "steps": list(recipe.prepass),
+            "manifests": manifests,
+            "calib_blocks": min(recipe.prepass_calib_blocks, int(train_ids.shape[0])),
+            "calib_seq_len": int(train_ids.shape[1]),
+            "time_s": round(time.perf_counter() - t_pre, 1),
+        }
+    results = _baselines(model, eval_ids, recipe, out, show_progress, dense=dense) if main else {}
     summary = edkm.palettize_(model, recipe.dkm)
     state = train(
         model,
@@ -244,6 +346,8 @@ def compress(
     results["edkm_hard_reloaded"] = _eval(
         reloaded, eval_ids, recipe, "eDKM hard (reloaded)", show_progress
     ).to_dict()
+    if prepass is not None:
+        results["edkm_hard_reloaded"]["params"] = parameter_count(reloaded)
 
     report = {
         "format": "edkm-report",
@@ -251,6 +355,7 @@ def compress(
         "recipe": recipe.to_dict(),
         "results": results,
         "reload_logits_identical": exact,
+        "prepass": prepass,
         "palettization": _as_plain(summary),
         "size": _size_report(reloaded, model_dir),
         "train": {

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 from torch import nn
@@ -98,3 +99,52 @@ class LlamaAdapter(ModelAdapter):
         return HeadLayout(
             num_heads=q_out // head_dim, num_kv_heads=kv_out // head_dim, head_dim=head_dim
         )
+
+    # ---- residual-stream structure, for the pre-passes (SliceGPT) ----
+
+    def residual_branches(self) -> list[ResidualBranch]:
+        """The two branches of every block that read the residual stream through a norm and
+        add their output back to it, in forward order (paths relative to the block).
+
+        Example:
+            >>> [b.writer for b in LlamaAdapter(nn.Identity()).residual_branches()]
+            ['self_attn.o_proj', 'mlp.down_proj']
+        """
+        return [
+            ResidualBranch("attention", "input_layernorm", _ATTN_READERS, "self_attn.o_proj"),
+            ResidualBranch("mlp", "post_attention_layernorm", _MLP_READERS, "mlp.down_proj"),
+        ]
+
+    def shortcut_linears(self, block: int) -> dict[str, tuple[str, nn.Module]]:
+        """Role -> ``(name, module)`` of the residual shortcut Linear layers a SliceGPT pre-pass
+        installed in block ``block`` (``attn_shortcut``, ``mlp_shortcut``); empty for a stock
+        block. They map the residual stream from one rotated basis to the next."""
+        prefix, module = self.blocks()[block]
+        out = {}
+        for role in SHORTCUT_ROLES:
+            child = getattr(module, role, None)
+            if isinstance(child, nn.Module):
+                out[role] = (f"{prefix}.{role}" if prefix else role, child)
+        return out
+
+    def block_linears(self, block: int) -> dict[str, tuple[str, nn.Module]]:
+        """The stock roles, then a pre-pass's shortcut Linear layers when present (so that
+        palettization and the baselines see them as ordinary decoder Linear layers)."""
+        out = super().block_linears(block)
+        out.update(self.shortcut_linears(block))
+        return out
+
+
+SHORTCUT_ROLES = ("attn_shortcut", "mlp_shortcut")
+_ATTN_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualBranch:
+    """One residual branch of a block: ``x + writer(f(readers(norm(x))))``."""
+
+    name: str
+    norm: str  # path of the norm that reads the residual stream
+    readers: tuple[str, ...]  # Linear layers fed by the norm
+    writer: str  # Linear layer whose output is added to the residual stream

@@ -24,6 +24,7 @@ step, writes a checkpoint and exits; run the same command with --resume to conti
 Examples:
   edkm compress --model default --data default --bits 3 --out runs/smollm2-3bit
   edkm compress --config recipes/smollm2_3bit_quality.yaml --out runs/quality
+  edkm compress --model default --prepass slice:0.2 --bits 4 --out runs/sliced20-4bit
   edkm compress --model ~/models/llama-7b --config recipes/llama7b_3bit.yaml --out runs/7b"""
 
 
@@ -72,7 +73,7 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="RECIPE.yaml",
         help="YAML recipe with sections model, data, dkm, train, lut_tune, eval, offload "
-        "(see recipes/)",
+        "and keys prepass, prepass_calib_blocks (see recipes/)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for the run")
     p.add_argument("--steps", type=int, default=None, help="override train.steps of the recipe")
@@ -89,6 +90,14 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="override offload.enabled: keep what the DKM layers save for backward in host "
         "memory during training (marshaling; same results, less device memory)",
+    )
+    p.add_argument(
+        "--prepass",
+        action="append",
+        default=None,
+        metavar="NAME:AMOUNT",
+        help="run a pre-pass before palettization, e.g. 'slice:0.25' (SliceGPT, delete 25%% of "
+        "the hidden size); repeat for several, run in order; overrides the recipe's prepass",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -123,6 +132,12 @@ def run_compress(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             overrides[key] = value
+    if args.prepass is not None:
+        from edkm.prepass import parse_spec
+
+        for spec in args.prepass:
+            parse_spec(spec)  # one clear line for a bad NAME:AMOUNT
+        overrides["prepass"] = list(args.prepass)
     if args.steps is not None and recipe.train.warmup_steps > args.steps:
         overrides["train.warmup_steps"] = args.steps // 10
     recipe = recipe.with_overrides(**overrides)

@@ -27,7 +27,11 @@ class Recipe(ConfigBase):
         folder, a saved dataset or ``"default"`` (:mod:`edkm.io.data`); text_column: the column
         (or ``.jsonl`` field) holding the text of data read through ``datasets``; eval_fraction: share of documents held out for evaluation; dkm, train,
         lut_tune, eval, offload: the configs of each concern (``offload``: marshaling of the
-        DKM layers' saved tensors to host memory during training, off by default).
+        DKM layers' saved tensors to host memory during training, off by default);
+        prepass: pre-passes run before palettization, in order, each ``"NAME:AMOUNT"`` (e.g.
+        ``"slice:0.25"``, SliceGPT at 25% sparsity; a single string is one pre-pass);
+        prepass_calib_blocks: calibration blocks (of ``train.seq_len`` tokens, from the
+        training split) the pre-passes see.
     """
 
     model: str = "default"
@@ -39,12 +43,28 @@ class Recipe(ConfigBase):
     lut_tune: LUTTuneConfig = dataclasses.field(default_factory=LUTTuneConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
+    prepass: str | list[str] = dataclasses.field(default_factory=list)
+    prepass_calib_blocks: int = 128
 
     def validate(self) -> None:
         if not 0 < self.eval_fraction < 1:
             self._fail("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
         if not self.text_column:
             self._fail("text_column", "must be a column name, got an empty string")
+        from edkm.errors import InputError
+        from edkm.prepass import parse_spec
+
+        specs = [self.prepass] if isinstance(self.prepass, str) else list(self.prepass)
+        for i, spec in enumerate(specs):
+            try:
+                parse_spec(spec)
+            except InputError as err:
+                self._fail(f"prepass[{i}]", str(err))
+        object.__setattr__(self, "prepass", specs)
+        if self.prepass_calib_blocks < 1:
+            self._fail(
+                "prepass_calib_blocks", f"must be at least 1, got {self.prepass_calib_blocks}"
+            )
 
     def with_overrides(self, **changes: object) -> Recipe:
         """A copy with dotted keys replaced, e.g. ``{"dkm.bits": 4, "train.steps": 10}``.

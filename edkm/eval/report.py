@@ -115,8 +115,6 @@ def _memory_rows(memory: dict[str, float]) -> list[str]:
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report (a Markdown table plus run facts)."""
     recipe = report["recipe"]
-    results = report["results"]
-    base = results["original"]["ppl"]
     ev = report["eval"]
     lines = [
         f"# edkm compress report: {recipe['model']} at {recipe['dkm']['bits']} bits",
@@ -125,11 +123,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{ev['seq_len']} tokens, each scored on its own (edkm.eval.perplexity). All rows were "
         "computed in this run.",
         "",
-        "| model | perplexity | x original |",
-        "|---|---:|---:|",
+        *_result_rows(report),
     ]
-    for key, res in results.items():
-        lines.append(f"| {_label(key)} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} |")
     size = report["size"]
     train = report["train"]
     mem = report["memory"]
@@ -159,6 +154,46 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _result_rows(report: dict[str, Any]) -> list[str]:
+    """The perplexity table; after a pre-pass (``report["prepass"]``) with a parameter column
+    and the rows dense, after the pre-pass, and pre-passed + palettized."""
+    results = report["results"]
+    base = results["original"]["ppl"]
+    prepass = report.get("prepass")
+    if not prepass:
+        rows = ["| model | perplexity | x original |", "|---|---:|---:|"]
+        for key, res in results.items():
+            rows.append(f"| {_label(key)} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} |")
+        return rows
+    steps = " + ".join(prepass["steps"])
+    labels = {
+        "original": "dense (original)",
+        "prepass": f"after pre-pass ({steps})",
+        "edkm_hard_reloaded": f"**{steps} + eDKM hard, reloaded from disk (shipped)**",
+    }
+    rows = ["| model | perplexity | x dense | parameters |", "|---|---:|---:|---:|"]
+    for key, res in results.items():
+        params = f"{res['params']:,}" if "params" in res else ""
+        label = labels.get(key, _label(key))
+        rows.append(f"| {label} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} | {params} |")
+    dense, after = results["original"].get("params"), results.get("prepass", {}).get("params")
+    if dense and after:
+        note = (
+            f"Parameters after the pre-pass: {after:,} ({after / dense:.3f}x the dense {dense:,})"
+        )
+        if after > dense:
+            note += (
+                "; more than dense: the LM head untied from the embeddings and the residual "
+                "shortcut matrices add more than slicing removed at this size"
+            )
+        rows += [
+            "",
+            note + f". Pre-pass calibration: {prepass['calib_blocks']} blocks x "
+            f"{prepass['calib_seq_len']} tokens of the training split, {prepass['time_s']:.0f} s.",
+        ]
+    return rows
 
 
 def write_report(report: dict[str, Any], out: str | os.PathLike[str]) -> None:

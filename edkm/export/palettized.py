@@ -96,16 +96,20 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 
 def model_prepass(model: nn.Module) -> list[dict[str, Any]]:
-    """The pre-pass manifests a model carries in ``config.quantization_config`` (``[]`` if none).
+    """The pre-pass manifests that shaped ``model`` (``[]`` for a stock model).
 
-    A model loaded with ``from_pretrained`` from a pre-passed folder carries them there.
+    Those recorded on the model by a pre-pass or by ``edkm.prepass.restructure`` (every loader
+    calls it), else those in ``config.quantization_config``.
 
     Example:
         >>> model_prepass(nn.Linear(2, 2))
         []
     """
-    from edkm.prepass import read_manifests
+    from edkm.prepass import manifests_of, read_manifests
 
+    recorded = manifests_of(model)  # applied by a pre-pass, restructure or a loader
+    if recorded:
+        return recorded
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else None

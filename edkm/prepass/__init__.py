@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -43,10 +44,14 @@ from edkm.errors import InputError, first_line
 
 __all__ = [
     "FORMAT_VERSION",
+    "MANIFESTS_ATTR",
     "QUANT_METHOD",
     "is_structured_dir",
     "load_structured",
+    "manifests_of",
+    "parse_spec",
     "read_manifests",
+    "record_manifest",
     "restructure",
     "run_prepass",
     "save_structured",
@@ -54,6 +59,8 @@ __all__ = [
 
 QUANT_METHOD = "edkm"
 FORMAT_VERSION = 1
+# the manifests applied to a model object, in order (read by the savers; not a tensor)
+MANIFESTS_ATTR = "_edkm_prepass_manifests"
 # manifest kind -> "module:function" that applies it (imported only when a manifest needs it)
 _RESTRUCTURERS = {
     "prune": "edkm.prepass.prune:restructure",
@@ -71,7 +78,42 @@ _RUNNERS = {
 
 def _resolve(target: str) -> Any:
     module, func = target.split(":")
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"{module} is not part of this edkm installation")
     return getattr(importlib.import_module(module), func)
+
+
+def parse_spec(spec: object) -> tuple[str, float]:
+    """``"NAME:AMOUNT"`` (as in ``edkm compress --prepass slice:0.25``) -> ``(name, amount)``.
+
+    The name must be a known pre-pass whose module is installed; the amount a number in
+    [0, 1) (the share of the model to remove).
+
+    Example:
+        >>> parse_spec("slice:0.25")
+        ('slice', 0.25)
+        >>> parse_spec("slice:1.5")
+        Traceback (most recent call last):
+        ...
+        edkm.errors.InputError: pre-pass 'slice:1.5': the amount must be a number in [0, 1), got 1.5
+    """
+    name, sep, amount_text = str(spec).partition(":")
+    if not isinstance(spec, str) or not sep:
+        raise InputError(f"pre-pass {spec!r} must be written NAME:AMOUNT, e.g. 'slice:0.25'")
+    if name not in _RUNNERS:
+        raise InputError(f"unknown pre-pass {name!r}; known: {', '.join(sorted(_RUNNERS))}")
+    module = _RUNNERS[name].split(":")[0]
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"pre-pass {name!r} is not available: {module} is not installed")
+    try:
+        amount = float(amount_text)
+    except ValueError:
+        amount = float("nan")
+    if not 0 <= amount < 1:
+        raise InputError(
+            f"pre-pass {spec!r}: the amount must be a number in [0, 1), got {amount_text}"
+        )
+    return name, amount
 
 
 def run_prepass(
@@ -89,7 +131,32 @@ def run_prepass(
     if target is None:
         raise InputError(f"unknown pre-pass {name!r}; known: {', '.join(sorted(_RUNNERS))}")
     model, manifest = _resolve(target)(model, tokenizer, calib, amount, seed=seed)
+    record_manifest(model, manifest)
     return model, manifest
+
+
+def manifests_of(model: Any) -> list[dict[str, Any]]:
+    """The pre-pass manifests applied to ``model`` so far, in order (``[]`` for a stock model).
+
+    Example:
+        >>> manifests_of(torch.nn.Linear(2, 2))
+        []
+    """
+    return list(getattr(model, MANIFESTS_ATTR, []))
+
+
+def record_manifest(model: Any, manifest: dict[str, Any]) -> None:
+    """Note on ``model`` that ``manifest`` was applied (once: recording it again is a no-op).
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> m = {"kind": "slicegpt"}
+        >>> record_manifest(layer, m); record_manifest(layer, m); manifests_of(layer)
+        [{'kind': 'slicegpt'}]
+    """
+    done = manifests_of(model)
+    if not any(m is manifest for m in done):
+        object.__setattr__(model, MANIFESTS_ATTR, [*done, manifest])
 
 
 def restructure(model: Any, manifests: Sequence[dict[str, Any]]) -> None:
@@ -106,6 +173,7 @@ def restructure(model: Any, manifests: Sequence[dict[str, Any]]) -> None:
                 f"unknown pre-pass manifest kind {kind!r}; known: {', '.join(sorted(_RESTRUCTURERS))}"
             )
         _resolve(target)(model, manifest)
+        record_manifest(model, manifest)
 
 
 def read_manifests(config: dict[str, Any], file: str | os.PathLike[str]) -> list[dict[str, Any]]:
