@@ -182,3 +182,26 @@ def test_default_model_rotation_keeps_the_logits_fp64():
         with torch.no_grad():
             assert _rel(ref, sliced(input_ids=ids).logits) <= 1e-6
         del sliced
+
+
+def test_from_pretrained_loads_sliced_and_sliced_palettized_folders(tmp_path):
+    # transformers' own loader, through the quantizer that importing edkm registers
+    from transformers import AutoModelForCausalLM
+
+    import edkm as e
+
+    model = make_tiny_llama()
+    manifest = slice_model(model, _calib(), 0.25, show_progress=False)
+    sliced = save_structured(model, tmp_path / "sliced", [manifest])
+    hf = AutoModelForCausalLM.from_pretrained(sliced)
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+    assert isinstance(hf.model.layers[0], SlicedLlamaDecoderLayer)
+
+    e.palettize_(model, e.DKMConfig(bits=3))
+    model = e.finalize(model)
+    pal = e.save_palettized(model, tmp_path / "pal")
+    hf_pal = AutoModelForCausalLM.from_pretrained(pal)
+    with torch.no_grad():
+        assert torch.equal(hf_pal(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+    assert type(hf_pal.get_submodule("model.layers.1.mlp_shortcut")).__name__ == "PalettizedLinear"
