@@ -12,7 +12,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def test_accelerate_config_is_fsdp2() -> None:
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg = load_config_from_file(str(RECIPES / "accelerate_fsdp2.yaml"))
+    cfg = load_config_from_file(str(RECIPES / "launch" / "accelerate_fsdp2.yaml"))
     assert str(cfg.distributed_type).endswith("FSDP")
     assert cfg.fsdp_config["fsdp_version"] == 2
     assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
