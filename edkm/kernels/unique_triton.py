@@ -198,7 +198,7 @@ def _launch(
 
 # The histogram and scatter-add passes have several implementations; ``HISTOGRAM`` and
 # ``SCATTER`` pick the one ``TritonBins`` (the "triton" backend) uses. All are exact (histograms
-# bit for bit, sums to fp32 rounding); they differ in speed only (benchmarks/kernels.py checks
+# bit for bit, sums to fp32 rounding); they differ in speed only (benchmarks/dkm_kernels.py checks
 # and times them side by side):
 # - "sorted": in-register bitonic sort of 1,024 weights, one atomic per distinct row per block;
 # - "atomic": one relaxed global atomic per weight (L2 absorbs the contention);
@@ -211,7 +211,7 @@ def _launch(
 # The default is "sorted", the only one of the three that has run compiled on a GPU (H100, H200:
 # 25.6 and 47.9 GB/s, benchmarks/results/kernels_nvidia-h200_before.json). "atomic" and
 # "window" are correct under the interpreter and compile for sm_90 but have not been timed on a
-# GPU yet: opt in with ``EDKM_BINS_KERNEL=window`` (or ``atomic``) and run benchmarks/kernels.py.
+# GPU yet: opt in with ``EDKM_BINS_KERNEL=window`` (or ``atomic``) and run benchmarks/dkm_kernels.py.
 METHODS = ("sorted", "atomic", "window")
 
 

@@ -22,8 +22,8 @@ The JSON ``kernels_<device>.json`` (in ``--out``, a folder or a ``.json`` path; 
 The last lines name the fastest checked methods: set ``unique_triton.HISTOGRAM`` / ``SCATTER``.
 
 Example:
-    PYTHONPATH=. python3 benchmarks/kernels.py --out /tmp/k          # GPU: ~1-2 minutes
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --rows 64 --cols 96 --reps 1   # CPU check
+    PYTHONPATH=. python3 benchmarks/dkm_kernels.py --out /tmp/k          # GPU: ~1-2 minutes
+    TRITON_INTERPRET=1 python benchmarks/dkm_kernels.py --rows 64 --cols 96 --reps 1   # CPU check
 """
 
 from __future__ import annotations
