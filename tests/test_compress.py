@@ -40,6 +40,12 @@ def test_full_run_writes_model_and_report(tiny, capsys):
     }
     assert all(r["ppl"] > 1 and r["windows"] == 3 for r in results.values())
     assert report["reload_logits_identical"] is True
+    # stored bits per weight of the quantized layers, from their tensors (edkm.eval.report)
+    shipped = results["edkm_hard_reloaded"]["bits_per_weight"]
+    assert shipped == report["size"]["palettized_layers_bits_per_weight"]
+    assert 3 < shipped < results["kmeans_3bit_per_tensor"]["bits_per_weight"] + 0.01 < 3.5
+    assert results["rtn_3bit_group128"]["bits_per_weight"] > 3
+    assert results["original"]["bits_per_weight"] in (16.0, 32.0)
     assert report["train"]["steps"] == 6
     assert report["size"]["palettized_layers_ratio"] > 4  # 16-bit -> 3-bit indices + LUT
     host = {"peak_rss_mib", "rss_mib", "host_total_mib", "host_available_mib"}
