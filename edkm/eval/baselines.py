@@ -89,7 +89,12 @@ class BaselineSummary:
 
     def __str__(self) -> str:
         bits = "per-layer" if self.bits is None else str(self.bits)
-        group = "per tensor" if self.group_size is None else f"groups of {self.group_size}"
+        if self.group_size is None:
+            group = "per tensor"
+        elif self.method.startswith("kmeans"):
+            group = f"LUTs of {self.group_size} output channels"
+        else:
+            group = f"groups of {self.group_size}"
         return (
             f"{self.method}: {bits} bits, {group}, {len(self.layers)} layers, "
             f"{self.num_params:,} weights, relative weight error {self.weight_rel_error:.3e}, "

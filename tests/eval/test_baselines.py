@@ -130,6 +130,7 @@ def test_kmeans_uses_the_config_granularity_and_counts_lut_bits():
     before = _selected(model)
     grouped = kmeans_(model, 3, config=cfg)
     assert grouped.method == "kmeans_g16" and grouped.group_size == 16
+    assert "3 bits, LUTs of 16 output channels, 14 layers" in str(grouped)
     for name in before:
         weight = model.get_submodule(name).weight.detach()
         for group in weight.reshape(-1, 16 * weight.shape[1]):
