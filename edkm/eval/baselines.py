@@ -13,7 +13,8 @@
   (``edkm.dkm.centroids.init_centroids``) then Lloyd iterations until no assignment changes,
   each weight replaced by its nearest centroid. Per tensor the Lloyd steps run on the distinct
   weight values with their counts (exact and cheap for 16-bit weights); grouped, they run on
-  all groups at once (a batched binary search per weight, no loop over groups).
+  all groups at once on each group's sorted weights (no loop over groups, no per-weight work
+  per step).
 
 Both modify the model in place (selected Linear weights only, chosen by ``DKMConfig`` exactly as
 ``palettize_`` chooses them) and return a ``BaselineSummary`` with the relative weight error
@@ -210,23 +211,34 @@ def kmeans_lut(
 
 def _grouped_lloyd(x: torch.Tensor, lut: torch.Tensor, iters: int) -> torch.Tensor:
     """Lloyd steps on (G, n) weights from (G, K) centroids, all groups at once, until no
-    assignment changes (in any group) or ``iters`` steps; sums in fp64. Assignment is the
-    nearest centroid by a batched binary search over each group's sorted midpoints (ties to the
-    lower sorted centroid), O(N log K) per step and no N x K matrix."""
-    x64 = x.double()
-    assign = None
+    assignment changes (in any group) or ``iters`` steps; returns the (G, K) LUT sorted.
+
+    1-D k-means needs no per-weight work per step: with each group's weights sorted once, a
+    cluster is a run of them between two midpoints of the sorted centroids (a weight on a
+    midpoint joins the lower centroid, as ``nearest``), so a step is a binary search of the
+    K - 1 midpoints in the sorted weights and the clusters' sums are differences of an fp64
+    prefix sum: O(G * K * log n) per step after one O(N log n) sort. A centroid that loses all
+    its weights keeps its value.
+    """
+    groups, n = x.shape
+    xs = torch.sort(x.float(), dim=1).values.contiguous()
+    prefix = torch.zeros(groups, n + 1, dtype=torch.float64, device=x.device)
+    prefix[:, 1:] = xs.double().cumsum(dim=1)
+    lut = torch.sort(lut.float(), dim=1).values
+    first = torch.zeros(groups, 1, dtype=torch.int64, device=x.device)
+    last = torch.full((groups, 1), n, dtype=torch.int64, device=x.device)
+    cuts = None
     for _ in range(iters):
-        sorted_c, order = torch.sort(lut, dim=1)
-        mids = ((sorted_c[:, 1:] + sorted_c[:, :-1]) * 0.5).contiguous()
-        updated = order.gather(1, torch.searchsorted(mids, x.contiguous()))
-        if assign is not None and torch.equal(updated, assign):
+        mids = ((lut[:, 1:] + lut[:, :-1]) * 0.5).contiguous()
+        updated = torch.searchsorted(xs, mids, right=True)  # weights <= each midpoint
+        if cuts is not None and torch.equal(updated, cuts):
             break
-        assign = updated
-        mass = torch.zeros(lut.shape, dtype=torch.float64, device=x.device)
-        mass.scatter_add_(1, assign, torch.ones_like(x64))
-        sums = torch.zeros(lut.shape, dtype=torch.float64, device=x.device)
-        sums.scatter_add_(1, assign, x64)
-        lut = torch.where(mass > 0, sums / mass.clamp(min=1), lut.double()).float()
+        cuts = updated
+        edges = torch.cat([first, cuts, last], dim=1)
+        mass = (edges[:, 1:] - edges[:, :-1]).double()
+        sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
+        new = torch.where(mass > 0, sums / mass.clamp(min=1), lut.double()).float()
+        lut = torch.sort(new, dim=1).values
     return lut
 
 
