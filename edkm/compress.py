@@ -44,7 +44,7 @@ import torch
 from edkm.config import Recipe
 from edkm.errors import InputError
 from edkm.eval.perplexity import PerplexityResult, eval_blocks, perplexity_of_blocks
-from edkm.eval.report import host_memory, write_report
+from edkm.eval.report import host_memory, palettized_bits_per_weight, write_report
 from edkm.io import atomic
 from edkm.io.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
 from edkm.io.models import load_model
@@ -162,23 +162,33 @@ def _baselines(
     if previous is not None:
         return previous
     bits = recipe.dkm.bits
+    weights = [module.weight for _, module, _ in select_layers(model, recipe.dkm)]
+    # the selected layers as they are: their dtype's bits (module docs of edkm.eval.report)
+    dense_bits = sum(w.numel() * w.element_size() * 8 for w in weights) / max(
+        1, sum(w.numel() for w in weights)
+    )
     if dense is None:
         results = {"original": _eval(model, eval_ids, recipe, "original", show).to_dict()}
+        results["original"]["bits_per_weight"] = dense_bits
     else:
         row = _eval(model, eval_ids, recipe, "after pre-pass", show).to_dict()
+        row["bits_per_weight"] = dense_bits
         results = {"original": dense, "prepass": {**row, "params": parameter_count(model)}}
     if recipe.eval.baselines:
+        gs = recipe.dkm.group_size
+        # k-means uses the recipe's LUT layout (per tensor, or LUTs of gs output channels)
+        kmeans_scope = "per_tensor" if gs is None else f"lut_groups_of_{gs}"
         runs = {
             f"rtn_{bits}bit_per_tensor": lambda m: rtn_(m, bits, config=recipe.dkm),
             f"rtn_{bits}bit_group128": lambda m: rtn_(m, bits, group_size=128, config=recipe.dkm),
-            f"kmeans_{bits}bit_per_tensor": lambda m: kmeans_(m, bits, config=recipe.dkm),
+            f"kmeans_{bits}bit_{kmeans_scope}": lambda m: kmeans_(m, bits, config=recipe.dkm),
         }
-        weights = [module.weight for _, module, _ in select_layers(model, recipe.dkm)]
         saved = [w.detach().to("cpu", copy=True) for w in weights]
         for name, apply in runs.items():
             try:
-                apply(model)
+                summary = apply(model)
                 results[name] = _eval(model, eval_ids, recipe, name, show).to_dict()
+                results[name]["bits_per_weight"] = summary.bits_per_weight
             finally:
                 with torch.no_grad():
                     for w, original in zip(weights, saved):
@@ -323,6 +333,7 @@ def compress(
     lut_state = None
     if recipe.lut_tune.steps:
         results["edkm_hard"] = _eval(model, eval_ids, recipe, "eDKM hard", show_progress).to_dict()
+        results["edkm_hard"]["bits_per_weight"] = palettized_bits_per_weight(model)
         model, lut_state = tune_luts(
             model,
             train_ids,
@@ -346,6 +357,7 @@ def compress(
     results["edkm_hard_reloaded"] = _eval(
         reloaded, eval_ids, recipe, "eDKM hard (reloaded)", show_progress
     ).to_dict()
+    results["edkm_hard_reloaded"]["bits_per_weight"] = palettized_bits_per_weight(reloaded)
     if prepass is not None:
         results["edkm_hard_reloaded"]["params"] = parameter_count(reloaded)
 
@@ -409,6 +421,7 @@ def _size_report(model: torch.nn.Module, model_dir: Path) -> dict[str, Any]:
         "palettized_layers_fp16_bytes": pal_fp16,
         "palettized_layers_lut_indices_bytes": pal_packed,
         "palettized_layers_ratio": round(pal_fp16 / max(1, pal_packed), 2),
+        "palettized_layers_bits_per_weight": palettized_bits_per_weight(model),
         "other_tensors_fp16_bytes": other_fp16,
         "model_fp16_bytes": pal_fp16 + other_fp16,
         "model_palettized_bytes": pal_packed + other_fp16,

@@ -40,6 +40,12 @@ def test_full_run_writes_model_and_report(tiny, capsys):
     }
     assert all(r["ppl"] > 1 and r["windows"] == 3 for r in results.values())
     assert report["reload_logits_identical"] is True
+    # stored bits per weight of the quantized layers, from their tensors (edkm.eval.report)
+    shipped = results["edkm_hard_reloaded"]["bits_per_weight"]
+    assert shipped == report["size"]["palettized_layers_bits_per_weight"]
+    assert 3 < shipped < results["kmeans_3bit_per_tensor"]["bits_per_weight"] + 0.01 < 3.5
+    assert results["rtn_3bit_group128"]["bits_per_weight"] > 3
+    assert results["original"]["bits_per_weight"] in (16.0, 32.0)
     assert report["train"]["steps"] == 6
     assert report["size"]["palettized_layers_ratio"] > 4  # 16-bit -> 3-bit indices + LUT
     host = {"peak_rss_mib", "rss_mib", "host_total_mib", "host_available_mib"}
@@ -315,3 +321,31 @@ def test_offloaded_run_is_bit_identical_with_one_host_copy_per_storage(tiny, mon
     assert total["tensors_offloaded"] == total["host_copies"] + total["copies_avoided"]
     if method == "reference":
         assert total["copies_avoided"] > 0  # views of one storage shared a host copy
+
+
+def test_baselines_follow_a_grouped_recipe_and_count_bits(tmp_path, one_thread):
+    """A grouped-LUT recipe: the k-means row uses the same LUT layout as DKM (bits per weight
+    b + G * 2**b * 16 / N), the dense row counts the weights' dtype."""
+    import dataclasses
+
+    from edkm.compress import _baselines
+    from edkm.config import DKMConfig
+    from edkm.nn.palettize import select_layers
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    dkm = DKMConfig(bits=3, granularity="per_grouped_channel", group_size=16)
+    recipe = dataclasses.replace(tiny_recipe(tmp_path, tmp_path), dkm=dkm)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    results = _baselines(model, ids, recipe, tmp_path, show=False)
+    assert set(results) == {
+        "original",
+        "rtn_3bit_per_tensor",
+        "rtn_3bit_group128",
+        "kmeans_3bit_lut_groups_of_16",
+    }
+    shapes = [m.weight.shape for _, m, _ in select_layers(model, dkm)]
+    n = sum(o * i for o, i in shapes)
+    luts = sum(o // 16 for o, _ in shapes)
+    assert results["kmeans_3bit_lut_groups_of_16"]["bits_per_weight"] == 3 + luts * 8 * 16 / n
+    assert results["original"]["bits_per_weight"] == 32.0

@@ -143,13 +143,16 @@ def init_centroids(
 
 
 def _nearest_index(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted centroids and, per sorted position, the lowest original index with that value."""
-    sorted_c, order = torch.sort(c, stable=True)
+    """Per group (row of (G, K) ``c``): the sorted centroids and, per sorted position, the
+    lowest original index with that value."""
+    sorted_c, order = torch.sort(c, dim=1, stable=True)
     new_run = torch.ones_like(sorted_c, dtype=torch.bool)
-    new_run[1:] = sorted_c[1:] != sorted_c[:-1]
-    run = new_run.cumsum(0) - 1
-    first = order[new_run.nonzero().squeeze(1)][run]  # stable sort: a run starts at its min index
-    return sorted_c, first
+    new_run[:, 1:] = sorted_c[:, 1:] != sorted_c[:, :-1]
+    position = torch.arange(c.shape[1], device=c.device).expand_as(order)
+    # the sorted position where each run of equal values starts (a stable sort puts the run's
+    # lowest original index there)
+    start = torch.where(new_run, position, 0).cummax(dim=1).values
+    return sorted_c, order.gather(1, start)
 
 
 def hard_assign(
@@ -160,7 +163,8 @@ def hard_assign(
     Nearest means the smallest ``|w - c_j|`` computed in fp32, ties to the lower index, i.e.
     ``argmin_j |w - c_j|`` (only two neighbours in sorted order are compared, which equals the
     full argmin unless fp32 rounding makes a farther centroid's distance tie with them). Works
-    chunk by chunk with a binary search: memory O(chunk), never N x K.
+    block by block (about ``CHUNK`` weights, several groups at once when groups are small) with
+    a batched binary search: memory O(chunk), never N x K, and no loop over LUT groups.
 
     Example:
         >>> hard_assign(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([[1.0, 0.0]])).tolist()
@@ -175,15 +179,24 @@ def hard_assign(
     if not 1 <= k <= 256:
         raise ValueError(f"uint8 indices hold at most 256 centroids, got {k}")
     out = torch.empty(groups.shape, dtype=torch.uint8, device=weight.device)
-    for g in range(groups.shape[0]):
-        sorted_c, first = _nearest_index(centroids[g].float())
-        for start in range(0, groups.shape[1], CHUNK):
-            part = groups[g, start : start + CHUNK]
+    sorted_all, first_all = _nearest_index(centroids.float())
+    count, n = groups.shape
+    cols = min(max(n, 1), CHUNK)
+    rows = max(1, CHUNK // cols)
+    for g0 in range(0, count, rows):
+        g1 = min(g0 + rows, count)
+        sorted_c, first = sorted_all[g0:g1], first_all[g0:g1]
+        for m0 in range(0, n, cols):
+            part = groups[g0:g1, m0 : m0 + cols]
             # insertion point: sorted_c[pos - 1] < w <= sorted_c[pos]; compare both neighbours
-            pos = torch.searchsorted(sorted_c, part)
+            if g1 - g0 == 1:
+                pos = torch.searchsorted(sorted_c[0], part)
+            else:
+                pos = torch.searchsorted(sorted_c, part.contiguous())
             lo, hi = (pos - 1).clamp_min(0), pos.clamp_max(k - 1)
-            d_lo, d_hi = (part - sorted_c[lo]).abs(), (part - sorted_c[hi]).abs()
-            i_lo, i_hi = first[lo], first[hi]
+            d_lo = (part - sorted_c.gather(1, lo)).abs()
+            d_hi = (part - sorted_c.gather(1, hi)).abs()
+            i_lo, i_hi = first.gather(1, lo), first.gather(1, hi)
             take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (i_hi < i_lo))
-            out[g, start : start + CHUNK] = torch.where(take_hi, i_hi, i_lo).to(torch.uint8)
+            out[g0:g1, m0 : m0 + cols] = torch.where(take_hi, i_hi, i_lo).to(torch.uint8)
     return out.reshape(weight.shape)

@@ -41,6 +41,15 @@ Table forms:
   groups); ``compact=None`` picks it when ``groups * rows <= COMPACT_RATIO * groups * 65536``
   and shapes may depend on data.
 
+Cost of grouped LUTs (one LUT per ``group_size`` consecutive output channels, as Core ML
+iOS18 stores them): the group is part of a weight's table row (``g * 65536 + pattern``), so
+each of the four per-weight passes is ONE custom-op call for the whole layer, whatever G is
+(one kernel launch on Triton; on torch, blocks of about ``chunk`` weights, a block never
+spanning a partial group, so at most ``N / chunk + G`` blocks). There is no loop over groups
+on the weights. Only the table work grows with G: the (G, rows) table, the k-means iterations
+on it and its backward, O(G * rows * K * iters) with rows <= 65,536 (compact: the most
+patterns any group holds). tests/dkm/test_grouped.py counts the op calls.
+
 Example:
     >>> import torch
     >>> w = torch.randn(64, 32).bfloat16()

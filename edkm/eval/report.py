@@ -8,6 +8,17 @@ written; ``host_total_mib`` and ``host_available_mib``, the machine's memory and
 available then (all three from psutil); with CUDA, ``peak_cuda_allocated_mib`` (torch's
 ``max_memory_allocated``, added by :mod:`edkm.compress`). ``report.md`` prints them as a table.
 
+**Bits per weight.** Each result row may carry ``bits_per_weight``: the stored bits per weight
+of the Linear layers that row quantized (the recipe's selected layers), counted from the
+tensors themselves, never from the config. For the eDKM rows
+(:func:`palettized_bits_per_weight`) those are the shipped ``packed_indices`` (8 bits a byte)
+and the fp16 ``lut`` of every ``PalettizedLinear``, over the layers' weights: ``b + G * 2**b *
+16 / N`` for G LUTs of 2**b entries (plus under one byte of index padding per layer); for the
+post-training baselines (``edkm.eval.baselines``) the indices and fp16 LUT (k-means) or the
+codes, fp16 scales and b-bit zero points (RTN); for the original / pre-passed model, the dtype
+of the same layers' weights. Biases, embeddings, norms and layers that are not quantized are
+not counted in any row. ``report.md`` prints them as a column.
+
 Example:
     >>> mem = host_memory()
     >>> 0 < mem["rss_mib"] <= mem["peak_rss_mib"] and mem["host_available_mib"] <= mem["host_total_mib"]
@@ -57,6 +68,33 @@ def _lut_note(report: dict[str, Any]) -> str:
         f"LUT fine-tuning (indices fixed, trainable: {what}): {lut['steps']} steps, "
         f"{lut['tokens_seen']:,} tokens, {lut['train_time_s']:.0f} s. "
     )
+
+
+def palettized_bits_per_weight(model: Any) -> float | None:
+    """Stored bits per weight of ``model``'s ``PalettizedLinear`` layers, from their tensors:
+    ``8 * packed_indices bytes + 16 * LUT entries`` (the LUT ships as fp16) over their weights;
+    ``None`` without such layers (module docstring, "Bits per weight").
+
+    Example:
+        >>> import torch
+        >>> from edkm.nn.palettized_linear import PalettizedLinear
+        >>> layer = PalettizedLinear(64, 16, bits=3, group_size=8)  # 2 LUTs of 8 entries
+        >>> palettized_bits_per_weight(torch.nn.Sequential(layer))  # 3 + 2 * 8 * 16 / 1024
+        3.25
+    """
+    from edkm.nn.palettized_linear import PalettizedLinear
+
+    stored = weights = 0
+    for module in model.modules():
+        if isinstance(module, PalettizedLinear):
+            stored += 8 * module.packed_indices.numel() + 16 * module.lut.numel()
+            weights += module.out_features * module.in_features
+    return stored / weights if weights else None
+
+
+def _bits(res: dict[str, Any]) -> str:
+    bits = res.get("bits_per_weight")
+    return "" if bits is None else f"{bits:.3f}"
 
 
 def _mib(n: float) -> str:
@@ -156,6 +194,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_BITS_NOTE = (
+    "bits/weight: stored bits per weight of the quantized Linear layers, counted from the "
+    "tensors: packed indices + fp16 LUTs (eDKM, k-means), codes + fp16 scales + zero points "
+    "(round-to-nearest), the weights' dtype (dense rows); biases, embeddings, norms and other "
+    "layers not counted."
+)
+
+
 def _result_rows(report: dict[str, Any]) -> list[str]:
     """The perplexity table; after a pre-pass (``report["prepass"]``) with a parameter column
     and the rows dense, after the pre-pass, and pre-passed + palettized."""
@@ -163,21 +209,29 @@ def _result_rows(report: dict[str, Any]) -> list[str]:
     base = results["original"]["ppl"]
     prepass = report.get("prepass")
     if not prepass:
-        rows = ["| model | perplexity | x original |", "|---|---:|---:|"]
+        rows = ["| model | perplexity | x original | bits/weight |", "|---|---:|---:|---:|"]
         for key, res in results.items():
-            rows.append(f"| {_label(key)} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} |")
-        return rows
+            rows.append(
+                f"| {_label(key)} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} | {_bits(res)} |"
+            )
+        return [*rows, "", _BITS_NOTE]
     steps = " + ".join(prepass["steps"])
     labels = {
         "original": "dense (original)",
         "prepass": f"after pre-pass ({steps})",
         "edkm_hard_reloaded": f"**{steps} + eDKM hard, reloaded from disk (shipped)**",
     }
-    rows = ["| model | perplexity | x dense | parameters |", "|---|---:|---:|---:|"]
+    rows = [
+        "| model | perplexity | x dense | parameters | bits/weight |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for key, res in results.items():
         params = f"{res['params']:,}" if "params" in res else ""
         label = labels.get(key, _label(key))
-        rows.append(f"| {label} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} | {params} |")
+        rows.append(
+            f"| {label} | {res['ppl']:.2f} | {res['ppl'] / base:.2f} | {params} | {_bits(res)} |"
+        )
+    rows += ["", _BITS_NOTE]
     dense, after = results["original"].get("params"), results.get("prepass", {}).get("params")
     if dense and after:
         note = (

@@ -75,11 +75,15 @@ def test_big_tensor_uses_subsample_and_stays_deterministic():
     torch.testing.assert_close(c1[0], means, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("group_size", [None, 5])
-def test_hard_assign_matches_brute_force_with_ties(group_size):
+@pytest.mark.parametrize("chunk", [1 << 20, 7, 33, 100])  # blocks: in a group, across groups
+@pytest.mark.parametrize("group_size", [None, 5, 1, 20])
+def test_hard_assign_matches_brute_force_with_ties(group_size, chunk, monkeypatch):
+    import edkm.dkm.centroids as C
+
+    monkeypatch.setattr(C, "CHUNK", chunk)
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(20, 33, generator=gen)
-    groups = 1 if group_size is None else 4
+    groups = 1 if group_size is None else 20 // group_size
     c = torch.randn(groups, 8, generator=gen)
     # exact ties: weights on midpoints, on centroids, and duplicated centroids
     c[:, 5] = c[:, 2]

@@ -10,7 +10,11 @@ from edkm.config import DKMConfig, LayerOverride
 from edkm.errors import InputError
 from edkm.eval.baselines import kmeans_, kmeans_lut, rtn_, rtn_weight
 from edkm.nn.palettize import select_layers
+from edkm.nn.palettized_linear import PalettizedLinear
 from tests.conftest import make_tiny_llama
+
+# one intra-op thread (tests/conftest.py): small tensors on a loaded machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _groups(w: torch.Tensor, group_size: int | None) -> list[torch.Tensor]:
@@ -97,6 +101,74 @@ def test_kmeans_baseline_on_model_beats_rtn():
     rtn = rtn_(make_tiny_llama(), 3)
     assert summary.weight_rel_error < rtn.weight_rel_error
     assert "kmeans: 3 bits, per tensor, 14 layers" in str(summary)
+    assert "bits/weight" in str(summary)
+
+
+@pytest.mark.parametrize("group_size", [1, 4, 32])
+def test_grouped_kmeans_is_a_lloyd_fixed_point_per_group(group_size):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 24, generator=gen).to(torch.bfloat16)
+    lut, idx = kmeans_lut(w, bits=2, group_size=group_size)
+    groups = 32 // group_size
+    assert lut.shape == (groups, 4) and idx.shape == w.shape and idx.dtype == torch.uint8
+    rows, assign = w.float().reshape(groups, -1), idx.reshape(groups, -1).long()
+    for g in range(groups):
+        for j in range(4):
+            members = rows[g][assign[g] == j]
+            if members.numel():
+                torch.testing.assert_close(lut[g, j], members.double().mean().float())
+        dist = (rows[g].unsqueeze(1) - lut[g]).abs()
+        assert torch.equal(dist.gather(1, assign[g].unsqueeze(1)).squeeze(1), dist.min(1).values)
+    # each group alone gives the same LUT as the grouped call (groups are independent)
+    alone, _ = kmeans_lut(w[:group_size], bits=2, group_size=group_size)
+    assert torch.equal(alone[:1], lut[:1])
+
+
+def test_kmeans_uses_the_config_granularity_and_counts_lut_bits():
+    cfg = DKMConfig(bits=3, granularity="per_grouped_channel", group_size=16)
+    model = make_tiny_llama()
+    before = _selected(model)
+    grouped = kmeans_(model, 3, config=cfg)
+    assert grouped.method == "kmeans_g16" and grouped.group_size == 16
+    assert "3 bits, LUTs of 16 output channels, 14 layers" in str(grouped)
+    for name in before:
+        weight = model.get_submodule(name).weight.detach()
+        for group in weight.reshape(-1, 16 * weight.shape[1]):
+            assert group.unique().numel() <= 8, name
+    per_tensor = kmeans_(make_tiny_llama(), 3)
+    assert grouped.weight_rel_error < per_tensor.weight_rel_error
+    # b + G * 2**b * 16 / N from the layer shapes
+    n = sum(w.numel() for w in before.values())
+    luts = sum(w.shape[0] // 16 for w in before.values()) * 8
+    assert grouped.storage_bits == 3 * n + 16 * luts
+    assert grouped.bits_per_weight == pytest.approx(3 + luts * 16 / n)
+    assert per_tensor.bits_per_weight == pytest.approx(3 + len(before) * 8 * 16 / n)
+    assert grouped.to_dict()["bits_per_weight"] == grouped.bits_per_weight
+
+
+def test_kmeans_bits_per_weight_equals_shipped_palettized_layers():
+    """The baseline's count is what finalize + save_palettized ship for the same layout."""
+    import edkm
+
+    cfg = DKMConfig(bits=3, method="reference", granularity="per_grouped_channel", group_size=32)
+    summary = kmeans_(make_tiny_llama(), 3, config=cfg)
+    model = make_tiny_llama()
+    edkm.palettize_(model, cfg)
+    edkm.finalize(model)
+    layers = [m for m in model.modules() if isinstance(m, PalettizedLinear)]
+    lut_bits = sum(m.lut.numel() * 16 for m in layers)
+    index_bits = sum(m.out_features * m.in_features * m.bits for m in layers)
+    assert summary.storage_bits == lut_bits + index_bits
+
+
+def test_rtn_counts_scales_and_zero_points():
+    model = make_tiny_llama()
+    n = sum(w.numel() for w in _selected(model).values())
+    rows = sum(w.shape[0] * -(-w.shape[1] // 48) for w in _selected(model).values())
+    summary = rtn_(model, 3, group_size=48)  # 48: a shorter last group in 64-wide rows
+    assert summary.storage_bits == 3 * n + (16 + 3) * rows
+    per_tensor = rtn_(make_tiny_llama(), 3)
+    assert per_tensor.storage_bits == 3 * n + (16 + 3) * 14
 
 
 def test_baselines_follow_the_config_selection_and_bits():

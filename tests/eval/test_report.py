@@ -6,11 +6,11 @@ def _report():
     return {
         "recipe": {"model": "default", "data": "default", "dkm": {"bits": 3}},
         "results": {
-            "original": res,
-            "rtn_3bit_group128": {**res, "ppl": 400.0},
-            "kmeans_3bit_per_tensor": {**res, "ppl": 5e5},
+            "original": {**res, "bits_per_weight": 32.0},
+            "rtn_3bit_group128": {**res, "ppl": 400.0, "bits_per_weight": 3.1484375},
+            "kmeans_3bit_per_tensor": {**res, "ppl": 5e5, "bits_per_weight": 3.0001},
             "edkm_soft": {**res, "ppl": 60.0},
-            "edkm_hard_reloaded": {**res, "ppl": 80.0},
+            "edkm_hard_reloaded": {**res, "ppl": 80.0, "bits_per_weight": 3.0001},
         },
         "reload_logits_identical": True,
         "size": {
@@ -31,10 +31,13 @@ def _report():
 
 def test_markdown_rows_and_ratios(tmp_path):
     md = render_markdown(_report())
-    assert "| original (fp32) | 20.00 | 1.00 |" in md
-    assert "| round-to-nearest, 3-bit, group128 | 400.00 | 20.00 |" in md
-    assert "| post-training k-means, 3-bit, per tensor | 500000.00 | 25000.00 |" in md
-    assert "| **eDKM hard, reloaded from disk (shipped)** | 80.00 | 4.00 |" in md
+    assert "| model | perplexity | x original | bits/weight |" in md
+    assert "| original (fp32) | 20.00 | 1.00 | 32.000 |" in md
+    assert "| round-to-nearest, 3-bit, group128 | 400.00 | 20.00 | 3.148 |" in md
+    assert "| post-training k-means, 3-bit, per tensor | 500000.00 | 25000.00 | 3.000 |" in md
+    assert "| eDKM soft (DKM weights, before finalize) | 60.00 | 3.00 |  |" in md
+    assert "| **eDKM hard, reloaded from disk (shipped)** | 80.00 | 4.00 | 3.000 |" in md
+    assert "bits/weight: stored bits per weight of the quantized Linear layers" in md
     assert "(5.33x smaller)" in md
     write_report(_report(), tmp_path)
     assert (tmp_path / "report.md").read_text() == md
@@ -78,3 +81,32 @@ def test_report_prints_the_memory_figures(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["memory"] == report["memory"]
     # a report written before these figures existed still renders
     assert "| process peak resident set (getrusage) | 100 |" in render_markdown(_report())
+
+
+def test_palettized_bits_per_weight_counts_shipped_indices_and_luts(tmp_path, one_thread):
+
+    import edkm
+    from edkm.eval.report import palettized_bits_per_weight
+    from edkm.nn.palettized_linear import PalettizedLinear
+    from tests.conftest import make_tiny_llama
+
+    for bits, group_size in ((3, None), (4, 16), (2, 32)):
+        model = make_tiny_llama()
+        assert palettized_bits_per_weight(model) is None
+        kwargs = {} if group_size is None else {"granularity": "per_grouped_channel"}
+        cfg = edkm.DKMConfig(bits=bits, method="reference", group_size=group_size, **kwargs)
+        edkm.palettize_(model, cfg)
+        edkm.finalize(model)
+        shapes = [
+            (m.out_features, m.in_features)
+            for m in model.modules()
+            if isinstance(m, PalettizedLinear)
+        ]
+        n = sum(o * i for o, i in shapes)
+        luts = sum(1 if group_size is None else o // group_size for o, _ in shapes)
+        # every layer here holds a multiple of 8 indices: no padding byte
+        assert palettized_bits_per_weight(model) == bits + luts * (1 << bits) * 16 / n
+        path = edkm.save_palettized(model, tmp_path / f"m{bits}")
+        assert palettized_bits_per_weight(edkm.load_palettized(path)) == (
+            palettized_bits_per_weight(model)
+        )

@@ -253,3 +253,35 @@ def test_registration_is_lazy_and_idempotent():
 
     register()
     register()
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(3, 8), (4, 32), (2, 1)])
+def test_grouped_luts_round_trip_bit_exact(tmp_path, bits, group_size):
+    """Grouped LUTs (fast-path DKM, finalized): save_palettized -> load_palettized and the HF
+    folder (from_pretrained) give the same LUTs, packed indices and logits, bit for bit."""
+    model = make_tiny_llama()
+    cfg = edkm.DKMConfig(
+        bits=bits, method="unique", granularity="per_grouped_channel", group_size=group_size
+    )
+    edkm.palettize_(model, cfg)
+    with torch.no_grad():
+        model(input_ids=IDS)  # one soft (uniquified DKM) forward, as training runs it
+    model = edkm.finalize(model)
+    path = edkm.save_palettized(model, tmp_path / "g")
+    ours: Any = edkm.load_palettized(path)
+    hf: Any = AutoModelForCausalLM.from_pretrained(path)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PalettizedLinear)]
+    assert layers
+    for name, layer in layers:
+        assert layer.group_size == group_size
+        assert layer.lut.shape == (layer.out_features // group_size, 1 << bits)
+        for loaded in (ours, hf):
+            other = loaded.get_submodule(name)
+            assert isinstance(other, PalettizedLinear) and other.group_size == group_size
+            assert other.lut.dtype == torch.float16 and torch.equal(other.lut, layer.lut)
+            assert torch.equal(other.packed_indices, layer.packed_indices)
+            assert torch.equal(other.indices(), layer.indices())
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        assert torch.equal(ours(input_ids=IDS).logits, logits)
+        assert torch.equal(hf(input_ids=IDS).logits, logits)
