@@ -401,3 +401,23 @@ def test_pruning_after_slicing_composes(tmp_path):
     assert manifests_of(reloaded) == [sliced, pruned]
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
+@pytest.mark.slow
+def test_default_model_groups_and_ratio_granularity():
+    from edkm.io.models import load_model
+
+    model, _ = load_model("default", dtype=torch.float32)
+    adapter = get_adapter(model)
+    attention, mlp = adapter.coupled_groups(0)
+    assert (attention.count, mlp.count) == (3, 1536)
+    assert [s.width for s in attention.members] == [192, 64, 64, 192]  # 3 query heads of 64
+    before = sum(p.numel() for p in model.parameters())
+    manifest = prune_model(model, None, 0.2, importance="l2", layers="4:-2", show_progress=False)
+    assert manifest["widths"][3] == {"heads": 9, "kv_heads": 3, "intermediate": 1536}
+    assert manifest["widths"][4] == {"heads": 6, "kv_heads": 2, "intermediate": 1229}
+    assert manifest["widths"][28] == {"heads": 9, "kv_heads": 3, "intermediate": 1536}
+    # per pruned block: 307 MLP channels x 3 x 576 + one kv group (192 + 64 + 64 + 192) x 576
+    assert before - manifest["params_after"] == 24 * (307 * 3 * 576 + 512 * 576)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(16)[None]).logits).all()
