@@ -146,11 +146,14 @@ def _baselines(
     show: bool = True,
     *,
     dense: dict[str, Any] | None = None,
+    stages: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the original model and of each post-training baseline (cached on disk).
 
     With ``dense`` (the original model's row, measured before a pre-pass), ``model`` is the
     pre-passed model: it is measured as row ``prepass`` and the baselines quantize it.
+    ``stages`` are rows measured inside a pre-pass (``prepass_pruned``: pruned, before LoRA
+    recovery); they come between the two.
 
     Each baseline quantizes the selected weights in place and is measured; the original
     weights are then copied back from a host copy of those weights alone (no second model).
@@ -173,7 +176,12 @@ def _baselines(
     else:
         row = _eval(model, eval_ids, recipe, "after pre-pass", show).to_dict()
         row["bits_per_weight"] = dense_bits
-        results = {"original": dense, "prepass": {**row, "params": parameter_count(model)}}
+        # the dense rows before and inside the pre-pass store the same dtype as the layers now
+        results = {
+            name: {"bits_per_weight": dense_bits, **res}
+            for name, res in {"original": dense, **(stages or {})}.items()
+        }
+        results["prepass"] = {**row, "params": parameter_count(model)}
     if recipe.eval.baselines:
         gs = recipe.dkm.group_size
         # k-means uses the recipe's LUT layout (per tensor, or LUTs of gs output channels)
@@ -228,9 +236,13 @@ def _run_prepasses(
     recipe: Recipe,
     out: Path,
     resume: bool,
+    measure: Any = None,
 ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """Run ``recipe.prepass`` in order and save the result in ``out/prepass`` (atomically);
-    a resumed run whose folder is there loads it instead of running the pre-passes again."""
+    a resumed run whose folder is there loads it instead of running the pre-passes again.
+
+    A ``prune`` pre-pass runs ``recipe.prepass_recovery_steps`` LoRA recovery steps, and calls
+    ``measure(model)`` on the pruned model before them (when given)."""
     from edkm.prepass import (
         is_structured_dir,
         load_structured,
@@ -248,7 +260,14 @@ def _run_prepasses(
     calib = train_ids[: recipe.prepass_calib_blocks]
     for spec in recipe.prepass:
         name, amount = parse_spec(spec)
-        model, _ = run_prepass(name, model, tokenizer, calib, amount, seed=recipe.train.seed)
+        options: dict[str, Any] = {}
+        if name == "prune":
+            options["recovery_steps"] = recipe.prepass_recovery_steps
+            if measure is not None:
+                options["on_pruned"] = lambda m, _manifest: measure(m)
+        model, _ = run_prepass(
+            name, model, tokenizer, calib, amount, seed=recipe.train.seed, **options
+        )
     manifests = manifests_of(model)
     save_structured(model, folder, manifests)
     return model, manifests
@@ -291,14 +310,23 @@ def compress(
         )
     prepass: dict[str, Any] | None = None
     dense = None
+    stages: dict[str, Any] = {}
     if recipe.prepass:
         cached = _cached_baselines(recipe, out)
         dense = cached["original"] if cached else None
         if dense is None:
             dense = _eval(model, eval_ids, recipe, "original", show_progress).to_dict()
             dense["params"] = parameter_count(model)
+
+        def measure_pruned(pruned: torch.nn.Module) -> None:
+            if main and cached is None:
+                row = _eval(pruned, eval_ids, recipe, "pruned", show_progress).to_dict()
+                stages["prepass_pruned"] = {**row, "params": parameter_count(pruned)}
+
         t_pre = time.perf_counter()
-        model, manifests = _run_prepasses(model, tokenizer, train_ids, recipe, out, resume)
+        model, manifests = _run_prepasses(
+            model, tokenizer, train_ids, recipe, out, resume, measure_pruned
+        )
         prepass = {
             "steps": list(recipe.prepass),
             "manifests": manifests,
@@ -306,7 +334,11 @@ def compress(
             "calib_seq_len": int(train_ids.shape[1]),
             "time_s": round(time.perf_counter() - t_pre, 1),
         }
-    results = _baselines(model, eval_ids, recipe, out, show_progress, dense=dense) if main else {}
+    results = (
+        _baselines(model, eval_ids, recipe, out, show_progress, dense=dense, stages=stages)
+        if main
+        else {}
+    )
     summary = edkm.palettize_(model, recipe.dkm)
     state = train(
         model,

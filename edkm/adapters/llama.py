@@ -21,6 +21,7 @@ from typing import ClassVar
 from torch import nn
 
 from edkm.adapters import HeadLayout, ModelAdapter, register_adapter
+from edkm.adapters.groups import GroupSet, Slot
 
 
 @register_adapter
@@ -99,6 +100,45 @@ class LlamaAdapter(ModelAdapter):
         return HeadLayout(
             num_heads=q_out // head_dim, num_kv_heads=kv_out // head_dim, head_dim=head_dim
         )
+
+    # ---- coupled channel groups, for structured pruning (LLM-Pruner) ----
+
+    def coupled_groups(self, block: int) -> list[GroupSet]:
+        """The channel groups of block ``block`` that are removed together, read from the
+        current module shapes (blocks may differ after pruning).
+
+        ``attention``: one group per key/value head: its rows of ``k_proj`` and ``v_proj``, the
+        rows of the ``kv_groups`` query heads that share it in ``q_proj``, and the matching
+        input columns of ``o_proj`` (grouped-query attention stays consistent: the ratio of
+        query to key/value heads is unchanged). ``mlp``: one group per intermediate channel:
+        a row of ``gate_proj`` and ``up_proj`` and a column of ``down_proj``.
+
+        Example:
+            >>> from tests.conftest import make_tiny_llama  # doctest: +SKIP
+            >>> [(g.kind, g.count) for g in get_adapter(model).coupled_groups(0)]  # doctest: +SKIP
+            [('attention', 2), ('mlp', 128)]
+        """
+        layout = self.head_layout(block)
+        q_width = layout.kv_groups * layout.head_dim
+        gate = self.blocks()[block][1].get_submodule("mlp.gate_proj")
+        attention = GroupSet(
+            "attention",
+            block,
+            layout.num_kv_heads,
+            (
+                Slot("self_attn.q_proj", 0, q_width),
+                Slot("self_attn.k_proj", 0, layout.head_dim),
+                Slot("self_attn.v_proj", 0, layout.head_dim),
+                Slot("self_attn.o_proj", 1, q_width),
+            ),
+        )
+        mlp = GroupSet(
+            "mlp",
+            block,
+            int(getattr(gate, "out_features")),  # noqa: B009
+            (Slot("mlp.gate_proj", 0, 1), Slot("mlp.up_proj", 0, 1), Slot("mlp.down_proj", 1, 1)),
+        )
+        return [attention, mlp]
 
     # ---- residual-stream structure, for the pre-passes (SliceGPT) ----
 

@@ -73,7 +73,7 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="RECIPE.yaml",
         help="YAML recipe with sections model, data, dkm, train, lut_tune, eval, offload "
-        "and keys prepass, prepass_calib_blocks (see recipes/)",
+        "and keys prepass, prepass_calib_blocks, prepass_recovery_steps (see recipes/)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for the run")
     p.add_argument("--steps", type=int, default=None, help="override train.steps of the recipe")
@@ -97,7 +97,9 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME:AMOUNT",
         help="run a pre-pass before palettization, e.g. 'slice:0.25' (SliceGPT, delete 25%% of "
-        "the hidden size); repeat for several, run in order; overrides the recipe's prepass",
+        "the hidden size) or 'prune:0.2' (LLM-Pruner, remove 20%% of the heads and MLP channels "
+        "of every block, then prepass_recovery_steps LoRA steps); repeat for several, run in "
+        "order; overrides the recipe's prepass",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(

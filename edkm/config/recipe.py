@@ -31,7 +31,8 @@ class Recipe(ConfigBase):
         prepass: pre-passes run before palettization, in order, each ``"NAME:AMOUNT"`` (e.g.
         ``"slice:0.25"``, SliceGPT at 25% sparsity; a single string is one pre-pass);
         prepass_calib_blocks: calibration blocks (of ``train.seq_len`` tokens, from the
-        training split) the pre-passes see.
+        training split) the pre-passes see; prepass_recovery_steps: LoRA recovery steps after a
+        ``prune`` pre-pass (on those blocks; 0: none).
     """
 
     model: str = "default"
@@ -45,6 +46,7 @@ class Recipe(ConfigBase):
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
     prepass: str | list[str] = dataclasses.field(default_factory=list)
     prepass_calib_blocks: int = 128
+    prepass_recovery_steps: int = 50
 
     def validate(self) -> None:
         if not 0 < self.eval_fraction < 1:
@@ -61,6 +63,10 @@ class Recipe(ConfigBase):
             except InputError as err:
                 self._fail(f"prepass[{i}]", str(err))
         object.__setattr__(self, "prepass", specs)
+        if self.prepass_recovery_steps < 0:
+            self._fail(
+                "prepass_recovery_steps", f"must be at least 0, got {self.prepass_recovery_steps}"
+            )
         if self.prepass_calib_blocks < 1:
             self._fail(
                 "prepass_calib_blocks", f"must be at least 1, got {self.prepass_calib_blocks}"

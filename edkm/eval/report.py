@@ -216,9 +216,16 @@ def _result_rows(report: dict[str, Any]) -> list[str]:
             )
         return [*rows, "", _BITS_NOTE]
     steps = " + ".join(prepass["steps"])
+    recovery = [
+        (m.get("recovery") or {}).get("steps", 0)
+        for m in prepass.get("manifests", [])
+        if m.get("kind") == "prune"
+    ]
+    recovered = f" + LoRA recovery ({max(recovery)} steps)" if recovery and max(recovery) else ""
     labels = {
         "original": "dense (original)",
-        "prepass": f"after pre-pass ({steps})",
+        "prepass_pruned": f"after pre-pass ({steps}), before LoRA recovery",
+        "prepass": f"after pre-pass ({steps}){recovered}",
         "edkm_hard_reloaded": f"**{steps} + eDKM hard, reloaded from disk (shipped)**",
     }
     rows = [
@@ -237,7 +244,7 @@ def _result_rows(report: dict[str, Any]) -> list[str]:
         note = (
             f"Parameters after the pre-pass: {after:,} ({after / dense:.3f}x the dense {dense:,})"
         )
-        if after > dense:
+        if after > dense and not recovery:
             note += (
                 "; more than dense: the LM head untied from the embeddings and the residual "
                 "shortcut matrices add more than slicing removed at this size"

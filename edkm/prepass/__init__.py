@@ -117,9 +117,19 @@ def parse_spec(spec: object) -> tuple[str, float]:
 
 
 def run_prepass(
-    name: str, model: Any, tokenizer: Any, calib: torch.Tensor, amount: float, *, seed: int = 0
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    calib: torch.Tensor,
+    amount: float,
+    *,
+    seed: int = 0,
+    **options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Run the pre-pass ``name`` (``"slice"`` or ``"prune"``): ``(shrunk model, manifest)``.
+
+    ``options`` go to that pre-pass's runner as keywords (``prune``: ``recovery_steps``,
+    ``on_pruned``; see :func:`edkm.prepass.prune.run_prepass`).
 
     Example:
         >>> run_prepass("squash", None, None, torch.zeros(1, 2), 0.2)
@@ -130,7 +140,7 @@ def run_prepass(
     target = _RUNNERS.get(name)
     if target is None:
         raise InputError(f"unknown pre-pass {name!r}; known: {', '.join(sorted(_RUNNERS))}")
-    model, manifest = _resolve(target)(model, tokenizer, calib, amount, seed=seed)
+    model, manifest = _resolve(target)(model, tokenizer, calib, amount, seed=seed, **options)
     record_manifest(model, manifest)
     return model, manifest
 
