@@ -10,6 +10,10 @@ and recovery text come from the training split, perplexity from the held-out spl
 (``edkm.eval.perplexity``'s protocol, the first ``--max-windows`` windows). Writes
 ``benchmarks/results/prune.json`` and a Markdown table ``prune.md``.
 
+With ``--ablation``, instead: the Taylor importance variants (``taylor1``/``taylor2``/``mix``,
+element- and vector-wise, each aggregate) without recovery, all from one gradient pass over the
+calibration blocks, written to ``prune_ablation.json`` / ``.md``.
+
 Example:
     $ python benchmarks/prune.py --ratio 0.2 --layers 4:-2 --calib-blocks 32 \\
         --calib-seq-len 256 --recovery-steps 50 --max-windows 8
@@ -57,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--seq-len", type=int, default=512, help="evaluation window")
     p.add_argument("--max-windows", type=int, default=8, help="held-out windows scored")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--out", type=Path, default=RESULTS / "prune.json")
+    p.add_argument("--ablation", action="store_true", help="importance variants, no recovery")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("prune_ablation.json" if args.ablation else "prune.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     importances = [s.strip() for s in args.importances.split(",") if s.strip()]
@@ -92,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         res = perplexity_of_blocks(model, windows, desc=label, show_progress=False)
         return {"ppl": res.ppl, "eval_s": round(time.perf_counter() - t0, 1)}
 
+    if args.ablation:
+        return _ablation(dense, calib, args, setup, measure, argv)
     base_params = parameter_count(dense)
     records: list[dict[str, Any]] = [
         {
@@ -173,6 +182,109 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "|---|---:|---:|---:|---:|",
         *(
             f"| {r['row']} | {r['params']:,} | {r['params_x_dense']:.3f} | {r['ppl']:.2f} | "
+            f"{r['ppl_x_dense']:.2f} |"
+            for r in records
+        ),
+        "",
+        f"Device: {setup['device']}, torch {setup['torch']}. Command: `python benchmarks/"
+        f"prune.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(md))
+    return records
+
+
+ABLATION = [
+    ("taylor1", "element", "sum"),
+    ("taylor1", "element", "mean"),
+    ("taylor1", "element", "max"),
+    ("taylor1", "element", "prod"),
+    ("taylor1", "element", "last"),
+    ("taylor1", "vector", "sum"),
+    ("taylor2", "element", "sum"),
+    ("taylor2", "vector", "sum"),
+    ("mix", "element", "sum"),
+    ("mix", "vector", "sum"),
+]
+
+
+def _ablation(
+    dense: torch.nn.Module,
+    calib: torch.Tensor,
+    args: argparse.Namespace,
+    setup: dict[str, Any],
+    measure: Any,
+    argv: Sequence[str] | None,
+) -> list[dict[str, Any]]:
+    from edkm.adapters import get_adapter
+    from edkm.prepass.prune import parameter_count, parse_layers, prune_model
+    from edkm.prepass.prune_importance import accumulate_gradients
+
+    adapter = get_adapter(dense)
+    blocks = adapter.blocks()
+    names = [
+        f"{blocks[b][0]}.{slot.path}.weight"
+        for b in parse_layers(args.layers, len(blocks))
+        for groups in adapter.coupled_groups(b)
+        for slot in groups.members
+    ]
+    t0 = time.perf_counter()
+    stats = accumulate_gradients(dense, calib, names, show_progress=False)
+    grad_s = round(time.perf_counter() - t0, 1)
+    records: list[dict[str, Any]] = [
+        {"row": "dense", "params": parameter_count(dense), **measure(dense, "dense"), **setup}
+    ]
+    for importance, level, how in ABLATION:
+        model = copy.deepcopy(dense)
+        manifest = prune_model(
+            model,
+            calib,
+            args.ratio,
+            importance=importance,
+            level=level,
+            aggregate=how,
+            layers=args.layers,
+            stats=stats,
+            show_progress=False,
+        )
+        row = {
+            "row": f"{importance} {level} {how}",
+            "importance": importance,
+            "level": level,
+            "aggregate": how,
+            "params": manifest["params_after"],
+            "gradient_pass_s": grad_s,
+            **measure(model, row_label := f"{importance}/{level}/{how}"),
+            **setup,
+        }
+        records.append(row)
+        print(f"{row_label}: ppl {row['ppl']:.2f}", flush=True)
+        del model
+    base = records[0]["ppl"]
+    for r in records:
+        r["ppl_x_dense"] = r["ppl"] / base
+    write_records("prune_ablation", records, out=args.out)
+    print_table(
+        records,
+        [
+            ("row", "importance", ""),
+            ("ppl", "perplexity", ".2f"),
+            ("ppl_x_dense", "x dense", ".2f"),
+        ],
+        title=f"Taylor variants at ratio {args.ratio:g}, blocks {args.layers}, no recovery",
+    )
+    md = [
+        f"# LLM-Pruner importance variants on {args.model}: ratio {args.ratio:g} in blocks "
+        f"{args.layers}, no recovery, one gradient pass over {setup['calibration']['blocks']} "
+        f"calibration blocks x {setup['calibration']['seq_len']} tokens ({grad_s:.0f} s), "
+        f"perplexity on the first {setup['eval']['windows']} held-out windows x "
+        f"{setup['eval']['seq_len']} tokens",
+        "",
+        "| importance | level | aggregate | parameters | perplexity | x dense |",
+        "|---|---|---|---:|---:|---:|",
+        *(
+            f"| {r.get('importance', 'dense')} | {r.get('level', '-')} | "
+            f"{r.get('aggregate', '-')} | {r['params']:,} | {r['ppl']:.2f} | "
             f"{r['ppl_x_dense']:.2f} |"
             for r in records
         ),

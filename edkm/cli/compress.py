@@ -97,9 +97,9 @@ def build_compress(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME:AMOUNT",
         help="run a pre-pass before palettization, e.g. 'slice:0.25' (SliceGPT, delete 25%% of "
-        "the hidden size) or 'prune:0.2' (LLM-Pruner, remove 20%% of the heads and MLP channels "
-        "of every block, then prepass_recovery_steps LoRA steps); repeat for several, run in "
-        "order; overrides the recipe's prepass",
+        "the hidden size) or 'prune:0.2' (LLM-Pruner: remove round(0.2 x count) key/value-head "
+        "groups and MLP channels in every block, then prepass_recovery_steps LoRA steps); "
+        "repeat for several, run in order; overrides the recipe's prepass",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(

@@ -252,12 +252,16 @@ def prune_model(
     layers: str = DEFAULT_LAYERS,
     scope: str = "both",
     seed: int = 0,
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Prune ``model`` in place (module doc); returns the manifest (without recovery).
 
     ``calib`` is an ``(n, seq_len)`` int64 tensor of calibration blocks from the training text
     (only the Taylor importances read it; ``None`` is fine for ``l2`` and ``random``).
+    ``stats`` (optional): gradient statistics already computed on ``calib`` for the same
+    weights by :func:`~edkm.prepass.prune_importance.accumulate_gradients` (several importance
+    variants then share one gradient pass); they must cover every weight pruned.
 
     Example:
         >>> manifest = prune_model(model, calib, 0.2, importance="taylor1", layers="4:-2")  # doctest: +SKIP
@@ -301,7 +305,7 @@ def prune_model(
         )
     t0 = time.perf_counter()
     params_before = parameter_count(model)
-    stats = None
+    given, stats = stats, None
     if needs_grad and plan:
         names = sorted(
             {
@@ -311,7 +315,13 @@ def prune_model(
             }
         )
         assert calib is not None
-        stats = accumulate_gradients(model, calib, names, show_progress=show_progress)
+        if given is not None:
+            missing = [n for n in names if n not in given]
+            if missing:
+                raise InputError(f"the gradient statistics given lack {missing[0]!r}")
+            stats = given
+        else:
+            stats = accumulate_gradients(model, calib, names, show_progress=show_progress)
     generator = torch.Generator().manual_seed(seed)
     removed: dict[str, dict[str, list[int]]] = {}
     with torch.no_grad():
@@ -331,7 +341,7 @@ def prune_model(
             gone = sorted(int(i) for i in order[:n])
             prune_groups(block, groups, gone)
             removed.setdefault(str(b), {})[groups.kind] = gone
-    del stats
+    del stats, given
     manifest: dict[str, Any] = {
         "kind": MANIFEST_KIND,
         "version": MANIFEST_VERSION,

@@ -421,3 +421,14 @@ def test_default_model_groups_and_ratio_granularity():
     assert before - manifest["params_after"] == 24 * (307 * 3 * 576 + 512 * 576)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(16)[None]).logits).all()
+
+
+def test_precomputed_gradient_statistics_give_the_same_pruning():
+    model = make_tiny_llama()
+    names = [n for n, _ in model.named_parameters() if "layers." in n and "norm" not in n]
+    stats = accumulate_gradients(model, _calib(), names, show_progress=False)
+    a = prune_model(copy.deepcopy(model), _calib(), 0.5, importance="mix", stats=stats)
+    b = prune_model(copy.deepcopy(model), _calib(), 0.5, importance="mix", show_progress=False)
+    assert a["removed"] == b["removed"]
+    with pytest.raises(InputError, match="gradient statistics given lack"):
+        prune_model(copy.deepcopy(model), _calib(), 0.5, stats={})

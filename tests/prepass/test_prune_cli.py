@@ -137,3 +137,15 @@ def test_benchmark_rows_on_the_tiny_model(tiny):
     assert all(r["ppl"] > 1 for r in records)
     assert json.loads(out.read_text()) == records
     assert "| taylor1 + LoRA |" in out.with_suffix(".md").read_text()
+
+
+def test_benchmark_ablation_shares_one_gradient_pass(tiny):
+    from benchmarks import prune
+
+    out = tiny["tmp"] / "bench" / "prune_ablation.json"
+    argv = ["--model", str(tiny["model"]), "--data", str(tiny["data"]), "--ratio", "0.5"]
+    argv += ["--layers", "1:", "--calib-blocks", "4", "--calib-seq-len", "16", "--seq-len", "16"]
+    records = prune.main([*argv, "--max-windows", "2", "--ablation", "--out", str(out)])
+    assert len(records) == 1 + len(prune.ABLATION)
+    assert len({r["gradient_pass_s"] for r in records[1:]}) == 1
+    assert "| mix | vector | sum |" in out.with_suffix(".md").read_text()
