@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# run as a script, this folder would shadow packages (benchmarks/kernels.py vs the PyPI
-# `kernels` that transformers imports): put the repository root first instead
+# run as a script, the repository root comes first on the path (so `benchmarks._common` imports
+# without PYTHONPATH) and this folder is dropped (its modules must not shadow installed packages)
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 

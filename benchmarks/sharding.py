@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 _HERE = Path(__file__).resolve().parent
-# run as a script, this folder comes first on sys.path, and its kernels.py would shadow the
-# `kernels` package that transformers probes for: the repository root takes its place
+# run as a script, the repository root comes first on the path (so `benchmarks._common` imports
+# without PYTHONPATH) and this folder is dropped (its modules must not shadow installed packages)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
