@@ -166,22 +166,18 @@ def _baselines(
         return previous
     bits = recipe.dkm.bits
     weights = [module.weight for _, module, _ in select_layers(model, recipe.dkm)]
-    # the selected layers as they are: their dtype's bits (module docs of edkm.eval.report)
-    dense_bits = sum(w.numel() * w.element_size() * 8 for w in weights) / max(
-        1, sum(w.numel() for w in weights)
-    )
+    dense_bits = _dense_bits(model, recipe)
     if dense is None:
         results = {"original": _eval(model, eval_ids, recipe, "original", show).to_dict()}
         results["original"]["bits_per_weight"] = dense_bits
     else:
         row = _eval(model, eval_ids, recipe, "after pre-pass", show).to_dict()
         row["bits_per_weight"] = dense_bits
-        # the dense rows before and inside the pre-pass store the same dtype as the layers now
         results = {
-            name: {"bits_per_weight": dense_bits, **res}
-            for name, res in {"original": dense, **(stages or {})}.items()
+            "original": dense,
+            **(stages or {}),
+            "prepass": {**row, "params": parameter_count(model)},
         }
-        results["prepass"] = {**row, "params": parameter_count(model)}
     if recipe.eval.baselines:
         gs = recipe.dkm.group_size
         # k-means uses the recipe's LUT layout (per tensor, or LUTs of gs output channels)
@@ -203,6 +199,16 @@ def _baselines(
                         w.copy_(original)
     atomic.write_json(out / BASELINES_FILE, {"recipe": recipe.to_dict(), "results": results})
     return results
+
+
+def _dense_bits(model: torch.nn.Module, recipe: Recipe) -> float:
+    """Bits per weight of the layers the recipe palettizes, as they are: their dtype's bits
+    (``bits_per_weight`` of the dense rows; module docs of :mod:`edkm.eval.report`)."""
+    from edkm.nn.palettize import select_layers
+
+    weights = [module.weight for _, module, _ in select_layers(model, recipe.dkm)]
+    bits = sum(w.numel() * w.element_size() * 8 for w in weights)
+    return bits / max(1, sum(w.numel() for w in weights))
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -317,10 +323,12 @@ def compress(
         if dense is None:
             dense = _eval(model, eval_ids, recipe, "original", show_progress).to_dict()
             dense["params"] = parameter_count(model)
+            dense["bits_per_weight"] = _dense_bits(model, recipe)
 
         def measure_pruned(pruned: torch.nn.Module) -> None:
             if main and cached is None:
                 row = _eval(pruned, eval_ids, recipe, "pruned", show_progress).to_dict()
+                row["bits_per_weight"] = _dense_bits(pruned, recipe)
                 stages["prepass_pruned"] = {**row, "params": parameter_count(pruned)}
 
         t_pre = time.perf_counter()

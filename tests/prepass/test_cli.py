@@ -97,6 +97,9 @@ def test_compress_with_slicing_end_to_end(tiny, capsys):
     assert list(results)[:2] == ["original", "prepass"] and "edkm_hard_reloaded" in results
     dense, sliced = results["original"]["params"], results["prepass"]["params"]
     assert results["edkm_hard_reloaded"]["params"] == sliced != dense
+    # bits per weight of the palettized layers: their dtype before, indices + LUTs after
+    assert results["original"]["bits_per_weight"] == results["prepass"]["bits_per_weight"] == 32
+    assert 3 < results["edkm_hard_reloaded"]["bits_per_weight"] < 3.5
     (manifest,) = report["prepass"]["manifests"]
     assert manifest["dims"] == [48] * 5  # 0.2 of 64 -> 51.2 -> 48
     assert report["reload_logits_identical"] is True
