@@ -124,6 +124,15 @@ def _tracker_class() -> type:
                 return
             super()._track(reftype, t)
 
+        def _update_and_maybe_create_winfos(
+            self, t: torch.Tensor, reftype: Any, update_existing: bool = False
+        ) -> set[Any]:
+            # MemTracker files every optimizer's state (and each gradient) here after the
+            # fact; state kept in the host pool (HostOffloadAdamW) is host memory, not device
+            if t is None or any(st in self.host_storages for st in _storages(t)):
+                return set()
+            return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
+
     def st_new(tracker: Any, sts: list[torch.UntypedStorage]) -> bool:
         return all(tracker._WINFO.get(st) is None for st in sts)
 
