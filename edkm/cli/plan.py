@@ -31,7 +31,7 @@ def build_plan(sub: argparse._SubParsersAction) -> None:
         "plan",
         help="predict a training step's peak device and host memory, and whether it fits",
         description=textwrap.fill(
-            "Run two training steps of RECIPE on MODEL under FakeTensorMode and print the peak "
+            "Run the training steps of RECIPE on MODEL under FakeTensorMode and print the peak "
             "device and host memory by category (weights, gradients, optimizer state, "
             "activations, DKM, offload buffers), whether it fits --device-memory and "
             "--host-memory, and, when it does not, which switches make it fit (activation "

@@ -1,7 +1,7 @@
 """``edkm plan``: will a recipe's training step fit this device? A prediction by category, a
 verdict, and the switches that make it fit.
 
-:func:`make_plan` runs two training steps of the recipe's model under FakeTensorMode
+:func:`make_plan` runs the training steps of the recipe's model under FakeTensorMode
 (:mod:`edkm.plan.step`: nothing is allocated, a LLaMA-7B config plans on a laptop) and reads
 MemTracker's categories at the device peak: weights, buffers (DKM centroids), gradients,
 optimizer state, activations (tensors the forward created and still holds, saved tensors
