@@ -560,6 +560,9 @@ def _train_step(
         del out
         accelerator.backward(loss / cfg.grad_accum)
         total_loss += float(loss.detach()) / cfg.grad_accum
+        # the loss holds its graph's nodes (and what autograd Functions keep on their ctx,
+        # e.g. the uniquified DKM tables) until it is dropped: not into the next micro-batch
+        del loss
     clip = getattr(optimizer, "clip_grad_norm_", None)  # HostOffloadAdamW: host gradients
     if clip is not None:
         grad_norm = clip(cfg.max_grad_norm)
