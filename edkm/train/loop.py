@@ -333,12 +333,13 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[
         )
     # transformers >= 4.57 renamed gradient_* to activation_checkpointing_* (old names deprecated)
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        disable = model.activation_checkpointing_disable
+    hf: Any = model  # a transformers PreTrainedModel (checked above)
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        disable = hf.activation_checkpointing_disable
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
-        disable = model.gradient_checkpointing_disable
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = hf.gradient_checkpointing_disable
     try:
         yield
     finally:

@@ -29,7 +29,7 @@ checkpoint code. Under sharding (``edkm.shard``) it is refused; FSDP2 has its ow
 Example:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.ones(4))
-    >>> opt = HostOffloadAdamW([w], lr=0.1)
+    >>> opt = HostOffloadAdamW([w], lr=0.1, weight_decay=0.0)
     >>> (w * 2).sum().backward()
     >>> w.grad is None, opt.host_params[0].grad.tolist()
     (True, [2.0, 2.0, 2.0, 2.0])
