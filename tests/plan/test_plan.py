@@ -98,3 +98,18 @@ def test_cli_exit_status_and_json(tmp_path, capsys, one_thread):
     assert main(["plan", "--model", TINY, "--config", str(recipe)]) == 2
     assert "--device-memory is required" in capsys.readouterr().err
     assert main([*args, "--device-memory", "lots"]) == 2
+
+
+@pytest.mark.slow  # the default model (SmolLM2-135M): ~60 s on a loaded 2-core machine
+def test_fake_step_matches_the_real_step_on_the_default_model():
+    recipe = Recipe.from_yaml(Path(__file__).parents[2] / "recipes" / "smollm2_3bit.yaml")
+    recipe = recipe.with_overrides(
+        **{"train.batch_size": 1, "train.seq_len": 32, "train.device": "cpu"}
+    )
+    config = model_config("default")
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(config, recipe)
+    rows = table_rows(model)
+    real = measure_step(config, recipe, fake=False, kind="cpu", model=model)
+    fake = measure_step(config, recipe, kind="cpu", rows=rows)
+    assert fake.peak_bytes == pytest.approx(real.peak_bytes, rel=0.02)
