@@ -100,7 +100,7 @@ def test_cli_exit_status_and_json(tmp_path, capsys, one_thread):
     assert main([*args, "--device-memory", "lots"]) == 2
 
 
-@pytest.mark.slow  # the default model (SmolLM2-135M): ~60 s on a loaded 2-core machine
+@pytest.mark.slow  # default model (SmolLM2-135M): 71 s alone, 300 s on a shared 2-core machine
 def test_fake_step_matches_the_real_step_on_the_default_model():
     recipe = Recipe.from_yaml(Path(__file__).parents[2] / "recipes" / "smollm2_3bit.yaml")
     recipe = recipe.with_overrides(
