@@ -180,10 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_builders() -> list[Callable[[argparse._SubParsersAction], None]]:
     from edkm.cli.compress import build_compress
     from edkm.cli.export import build_export
+    from edkm.cli.plan import build_plan
     from edkm.cli.prune import build_prune
     from edkm.cli.slice import build_slice
 
-    return [build_compress, build_export, build_slice, build_prune]
+    return [build_compress, build_plan, build_export, build_slice, build_prune]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,10 @@ hooks (:class:`edkm.offload.SavedTensorOffload`, eDKM's cross-device marshaling;
 once per backward. Gradients are bit-identical with and without it; what it costs is bytes
 moved, which the train log reports per step (``offload`` in ``train_log.jsonl``).
 
-The other fields are the hooks' knobs (see :class:`~edkm.offload.SavedTensorOffload`).
+Two more offloads are selected here: ``optimizer`` (AdamW state, parameter copies and each
+gradient in host memory, :class:`edkm.train.optim_offload.HostOffloadAdamW`) and
+``activations`` (every decoder layer's saved tensors, inputs included, through the same
+hooks). The other fields are the hooks' knobs (see :class:`~edkm.offload.SavedTensorOffload`).
 
 Example:
     >>> cfg = OffloadConfig(enabled=True, min_bytes=0)
@@ -42,7 +45,15 @@ class OffloadConfig(ConfigBase):
             lives on the device anyway; copying it would free nothing).
         offload_inputs: also offload a DKM layer's input when its matmul saves it (off: the
             input is an activation of the network that a plain Linear saves too, and q/k/v
-            share theirs; offloading activations is a separate technique).
+            share theirs; offloading activations is ``activations``).
+        optimizer: keep AdamW's state, a copy of each trained parameter and its gradient in
+            host memory; each gradient leaves the device as autograd produces it and the update
+            runs on the CPU (:mod:`edkm.train.optim_offload`; the same update as
+            ``torch.optim.AdamW``). Not available under sharding (``edkm.shard``).
+        activations: run every decoder layer's forward under the offload hooks (its saved
+            tensors, its input included, wait in host memory until backward). Independent of
+            ``enabled``; with ``train.activation_checkpointing`` it offloads what checkpointing
+            keeps (each layer's input).
 
     Example:
         >>> OffloadConfig().enabled
@@ -59,6 +70,8 @@ class OffloadConfig(ConfigBase):
     prefetch: int = 2
     offload_parameters: bool = False
     offload_inputs: bool = False
+    optimizer: bool = False
+    activations: bool = False
 
     def validate(self) -> None:
         for name in ("min_bytes", "prefetch"):

@@ -48,6 +48,10 @@ class TrainConfig(ConfigBase):
             model (:mod:`edkm.train.distill`): the loss is ``(1 - distill) * cross-entropy +
             distill * KL(teacher || student)``. 0 (the default) keeps no teacher; above 0
             the teacher costs one more copy of the weights and one forward pass per step.
+        activation_checkpointing: recompute each decoder layer's forward during backward
+            (transformers' gradient checkpointing, non-reentrant) instead of keeping its
+            activations: only each layer's input stays saved. DKM layers recompute from the
+            centroids the forward started from, so gradients are unchanged.
     """
 
     steps: int = 60
@@ -69,6 +73,7 @@ class TrainConfig(ConfigBase):
     max_train_tokens: int = 0
     weights_dtype: Literal["float32", "bfloat16"] = "float32"
     distill: float = 0.0
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):

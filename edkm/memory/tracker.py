@@ -88,6 +88,14 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
 _TRACKER_CLASS: type | None = None
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
+
+
 def _tracker_class() -> type:
     """A MemTracker that files host-pool storages apart (built lazily: torch.distributed)."""
     global _TRACKER_CLASS
@@ -123,6 +131,44 @@ def _tracker_class() -> type:
                     self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
                 return
             super()._track(reftype, t)
+
+        def _update_and_maybe_create_winfos(
+            self, t: torch.Tensor, reftype: Any, update_existing: bool = False
+        ) -> set[Any]:
+            # MemTracker files every optimizer's state (and each gradient) here after the
+            # fact; state kept in the host pool (HostOffloadAdamW) is host memory, not device
+            if t is None or any(st in self.host_storages for st in _storages(t)):
+                return set()
+            return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
+
+        def _track_module_params_and_buffers(
+            self, module: nn.Module, install_grad_hooks: bool = True
+        ) -> tuple[int, int]:
+            # MemTracker hooks every parameter's gradient, which torch refuses for a frozen
+            # one (a model trained in part): a no-op handle marks those as hooked already
+            for p in module.parameters():
+                if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                    self._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            # MemTracker walks every module's statistics after every op (quadratic in the
+            # model's depth: minutes for a 32-layer model); measure_peak reads the global
+            # peak only, so only that is kept up to date
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            # MemTracker refuses a second forward of a top-level module (several training
+            # steps or micro-batches in one call); its per-module statistics are not what is
+            # read here, so they start over and the global peak carries on
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                parents = set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)}
+                if parents == {"Global"}:
+                    self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
 
     def st_new(tracker: Any, sts: list[torch.UntypedStorage]) -> bool:
         return all(tracker._WINFO.get(st) is None for st in sts)

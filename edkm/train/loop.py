@@ -17,6 +17,12 @@ forward runs under one :class:`edkm.offload.SavedTensorOffload` (:func:`offload_
 and each step's log record holds that step's offload counters under ``"offload"``
 (:func:`offload_summary` adds them up over a run).
 
+Memory switches (what ``edkm plan`` recommends): ``train.activation_checkpointing`` recomputes
+each decoder layer in backward (:func:`activation_checkpointing`); ``offload.activations`` puts
+every decoder layer's saved tensors in host memory (:func:`offload_decoder_layers`, counters
+under ``"activation_offload"``); ``offload.optimizer`` keeps AdamW's state and the gradients in
+host memory (:class:`edkm.train.optim_offload.HostOffloadAdamW`).
+
 Example:
     >>> from edkm.train.loop import train
     >>> state = train(model, blocks, TrainConfig(steps=10), run_dir="runs/demo")  # doctest: +SKIP
@@ -275,6 +281,88 @@ def offload_dkm_layers(
             handle.remove()
 
 
+@contextlib.contextmanager
+def offload_decoder_layers(
+    model: torch.nn.Module, cfg: OffloadConfig
+) -> Iterator[SavedTensorOffload | None]:
+    """Activation offload: every decoder layer's forward under one offload hook (``None`` off).
+
+    Unlike :func:`offload_dkm_layers`, a layer's input goes to the host too: what stays on the
+    device between forward and backward is only what is smaller than ``min_bytes``. The DKM
+    layers' own hooks (when ``enabled``) sit inside these and take what the DKM layers save.
+
+    Example:
+        >>> with offload_decoder_layers(torch.nn.Linear(2, 2), OffloadConfig()) as off:
+        ...     off is None
+        True
+    """
+    if not cfg.activations:
+        yield None
+        return
+    from edkm.adapters import get_adapter
+
+    offload = SavedTensorOffload(**cfg.hook_kwargs())
+    handles = [offload.attach(block) for _, block in get_adapter(model).blocks()]
+    try:
+        yield offload
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Per-decoder-layer activation checkpointing while the block runs (transformers' own).
+
+    Non-reentrant ``torch.utils.checkpoint``: each decoder layer keeps only its input and is
+    recomputed in backward; switched off again on exit so evaluation runs as before.
+
+    Example:
+        >>> with activation_checkpointing(torch.nn.Linear(2, 2), False):
+        ...     pass
+    """
+    if not enabled:
+        yield
+        return
+    from edkm.errors import InputError
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(
+            "train.activation_checkpointing: the model "
+            f"({type(model).__name__}) does not support gradient checkpointing"
+        )
+    # transformers >= 4.57 renamed gradient_* to activation_checkpointing_* (old names deprecated)
+    kwargs = {"use_reentrant": False}
+    hf: Any = model  # a transformers PreTrainedModel (checked above)
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        disable = hf.activation_checkpointing_disable
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = hf.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, offload: OffloadConfig
+) -> torch.optim.Optimizer:
+    """The trainer's AdamW (betas 0.9/0.95): on the device, or in host memory (``offload.optimizer``).
+
+    Example:
+        >>> p = [torch.nn.Parameter(torch.zeros(2))]
+        >>> type(build_optimizer(p, TrainConfig(), OffloadConfig(optimizer=True))).__name__
+        'HostOffloadAdamW'
+    """
+    if offload.optimizer:
+        from edkm.train.optim_offload import HostOffloadAdamW
+
+        return HostOffloadAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+
 def offload_summary(records: list[dict[str, Any]]) -> dict[str, int] | None:
     """The offload counters of a run: per-step counts added up, peaks maxed (None: no offload).
 
@@ -351,12 +439,21 @@ def train(
     main = sharded is None or sharded.is_main
     # a teacher given without distillation is not run
     teacher = teacher.to(accelerator.device) if teacher is not None and cfg.distill > 0 else None
+    offload = offload or OffloadConfig()
+    if sharded is not None and offload.optimizer:
+        from edkm.errors import InputError
+
+        raise InputError(
+            "offload.optimizer: not available in a sharded (launched) run; "
+            "FSDP2 shards the optimizer state already"
+        )
     params = trainable_parameters(model, cfg)
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
+    if sharded is None and offload.optimizer:
+        # the host copies are taken from the parameters where they will train
+        model = accelerator.prepare(model)
+    optimizer = build_optimizer(params, cfg, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    if sharded is None:
+    if sharded is None and not offload.optimizer:
         model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     if resume:
@@ -377,18 +474,26 @@ def train(
         progress(
             total=cfg.steps, desc="train", unit="step", disable=not (show_progress and main)
         ) as bar,
-        offload_dkm_layers(model, offload or OffloadConfig()) as hooks,
+        activation_checkpointing(accelerator.unwrap_model(model), cfg.activation_checkpointing),
+        offload_decoder_layers(accelerator.unwrap_model(model), offload) as act_hooks,
+        offload_dkm_layers(model, offload) as hooks,
     ):
         bar.update(state.step)
         while state.step < cfg.steps:
-            if hooks is not None:
-                hooks.reset_stats()
+            for h in (hooks, act_hooks):
+                if h is not None:
+                    h.reset_stats()
             record = _train_step(
                 model, blocks, cfg, state, optimizer, scheduler, accelerator, teacher
             )
             if hooks is not None:
                 stats = hooks.stats.to_dict()
                 record["offload"] = {k: stats[k] for k in _OFFLOAD_COUNTS + _OFFLOAD_PEAKS}
+            if act_hooks is not None:
+                stats = act_hooks.stats.to_dict()
+                record["activation_offload"] = {
+                    k: stats[k] for k in _OFFLOAD_COUNTS + _OFFLOAD_PEAKS
+                }
             state.elapsed_s = time.perf_counter() - start_wall
             record["elapsed_s"] = round(state.elapsed_s, 3)
             log.write(json.dumps(record) + "\n")
@@ -456,9 +561,16 @@ def _train_step(
         del out
         accelerator.backward(loss / cfg.grad_accum)
         total_loss += float(loss.detach()) / cfg.grad_accum
-    grad_norm = accelerator.clip_grad_norm_(
-        [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
-    )
+        # the loss holds its graph's nodes (and what autograd Functions keep on their ctx,
+        # e.g. the uniquified DKM tables) until it is dropped: not into the next micro-batch
+        del loss
+    clip = getattr(optimizer, "clip_grad_norm_", None)  # HostOffloadAdamW: host gradients
+    if clip is not None:
+        grad_norm = clip(cfg.max_grad_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+        )
     if hasattr(accelerator, "mean"):  # a sharded run: the loss of the global batch
         total_loss = accelerator.mean(total_loss)
     lr = optimizer.param_groups[0]["lr"]
