@@ -49,7 +49,13 @@ from edkm.io import atomic
 from edkm.io.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
 from edkm.io.models import load_model
 from edkm.train.distill import make_teacher
-from edkm.train.loop import offload_summary, read_log, train, training_device
+from edkm.train.loop import (
+    offload_summary,
+    read_log,
+    train,
+    training_device,
+    training_precision,
+)
 from edkm.train.lut_tune import tune_luts
 
 RUN_FILE = "run.json"
@@ -307,6 +313,7 @@ def compress(
     if main:
         prepare_output(out, recipe, resume=resume, overwrite=overwrite)
     model.to(training_device(recipe.train))  # baselines and evaluations run where training does
+    phases = {"load": time.perf_counter() - t_start}
 
     teacher = make_teacher(model) if recipe.train.distill > 0 else None  # the dense model
     if recipe.prepass and launch is not None:
@@ -342,12 +349,17 @@ def compress(
             "calib_seq_len": int(train_ids.shape[1]),
             "time_s": round(time.perf_counter() - t_pre, 1),
         }
+    t_phase = time.perf_counter()
     results = (
         _baselines(model, eval_ids, recipe, out, show_progress, dense=dense, stages=stages)
         if main
         else {}
     )
+    phases["baselines"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
     summary = edkm.palettize_(model, recipe.dkm)
+    phases["dkm_init"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
     state = train(
         model,
         train_ids,
@@ -359,13 +371,16 @@ def compress(
         offload=recipe.offload,
     )
     t_trained = time.perf_counter()
+    phases["train"] = t_trained - t_phase
     if launch is not None:
-        from edkm.shard.train import gather_to_main
+        from edkm.shard.train import gather_to_main, leave_group, rebuild_on_main
 
-        gathered = gather_to_main(model, recipe)
-        if gathered is None:  # not rank 0: its part is done
+        trained = gather_to_main(model)
+        del model  # the sharded model holds the process group: gone before the group is left
+        leave_group()
+        if trained is None:  # not rank 0: its part is done
             return {}
-        model = gathered
+        model = rebuild_on_main(trained, recipe)
 
     set_mode(model, "soft")
     results["edkm_soft"] = _eval(model, eval_ids, recipe, "eDKM soft", show_progress).to_dict()
@@ -415,6 +430,7 @@ def compress(
             "tokens_seen": state.tokens_seen,
             "train_blocks": int(train_ids.shape[0]),
             "train_time_s": round(state.elapsed_s, 1),
+            "precision": training_precision(device, recipe.train),
             # marshaling counters summed over the steps (None when recipe.offload is off)
             "offload": offload_summary(read_log(out)),
         },
@@ -428,6 +444,12 @@ def compress(
         "eval": {"windows": int(eval_ids.shape[0]), "seq_len": int(eval_ids.shape[1])},
         "wall_time_s": round(time.perf_counter() - t_start, 1),
         "post_train_time_s": round(time.perf_counter() - t_trained, 1),
+        # where the run's time went (seconds); after_training: evaluations, finalize, LUT
+        # fine-tuning, export and reload
+        "phases_s": {
+            **{name: round(value, 1) for name, value in phases.items()},
+            "after_training": round(time.perf_counter() - t_trained, 1),
+        },
         "memory": _peak_memory(),
         "torch": torch.__version__,
         "device": str(device),

@@ -51,8 +51,15 @@ def test_full_run_writes_model_and_report(tiny, capsys):
     host = {"peak_rss_mib", "rss_mib", "host_total_mib", "host_available_mib"}
     assert host <= set(report["memory"])  # psutil / getrusage figures
     assert all(report["memory"][k] > 0 for k in host)
+    # where the time went: every phase, adding up to the whole run (rounding aside)
+    phases = report["phases_s"]
+    assert list(phases) == ["load", "baselines", "dkm_init", "train", "after_training"]
+    assert all(v >= 0 for v in phases.values())
+    assert abs(sum(phases.values()) - report["wall_time_s"]) < 1.0
+    assert report["train"]["precision"] in ("bf16 autocast", "float32")
     md = (out / "report.md").read_text()
     assert "eDKM hard, reloaded" in md and "post-training k-means" in md
+    assert f"{report['train']['precision']}): loading " in md and "DKM init" in md
     assert "report:" in capsys.readouterr().out
     # the shipped folder reloads through the eval command too
     assert (

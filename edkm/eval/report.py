@@ -186,12 +186,34 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ". "
         + _lut_note(report)
         + f"Whole run: {report['wall_time_s']:.0f} s on {report['device']} "
-        f"(torch {report['torch']}).",
+        f"(torch {report['torch']}{_precision_note(train)})" + _phases_note(report) + ".",
         "",
         *_memory_rows(mem),
         "",
     ]
     return "\n".join(lines)
+
+
+_PHASE_NAMES = {
+    "load": "loading",
+    "baselines": "original and baselines",
+    "dkm_init": "DKM init",
+    "train": "training",
+    "after_training": "evaluation, finalize and export",
+}
+
+
+def _precision_note(train: dict[str, Any]) -> str:
+    precision = train.get("precision")  # reports written before it was recorded lack it
+    return f", {precision}" if precision else ""
+
+
+def _phases_note(report: dict[str, Any]) -> str:
+    phases = report.get("phases_s")
+    if not phases:
+        return ""
+    parts = [f"{_PHASE_NAMES.get(name, name)} {value:.0f} s" for name, value in phases.items()]
+    return ": " + ", ".join(parts)
 
 
 _BITS_NOTE = (

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "is_main_process",
     "launched_run",
     "leave_group",
+    "rebuild_on_main",
     "start_group",
 ]
 
@@ -61,7 +63,15 @@ def is_main_process() -> bool:
 
 def leave_group() -> None:
     """Destroy the process group and forget the launcher's environment: what follows (evaluation,
-    finalize, export on rank 0) runs as a single process."""
+    finalize, export on rank 0) runs as a single process.
+
+    Drop every reference to the sharded model first: its FSDP2 device mesh and DTensors hold the
+    process group, and a gloo group that outlives ``destroy_process_group`` is torn down while
+    the interpreter exits, where its worker threads can abort the rank ("terminate called
+    without an active exception", seen once in CI on a rank with nothing left to do). The
+    ``gc.collect`` here frees the model's reference cycles before the group goes.
+    """
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -152,25 +162,28 @@ def launched_run(model: nn.Module, cfg: Any, accelerator: Any) -> ShardedRun | N
     return ShardedRun(model, info, device)
 
 
-def gather_to_main(model: nn.Module, recipe: Any) -> nn.Module | None:
-    """After sharded training: the trained model, whole and unsharded, on rank 0 (None elsewhere).
+def gather_to_main(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """After sharded training: the trained model's full state dict on rank 0's CPU (None elsewhere).
 
-    Collective: the full state dict is gathered to rank 0's CPU, the group is left
-    (:func:`leave_group`), and rank 0 loads it into the model rebuilt as the recipe builds it
-    (loaded and palettized the same way), on the training device: what follows (evaluation,
+    Collective. Then drop every reference to the sharded model, call :func:`leave_group`, and
+    load the state on rank 0 with :func:`rebuild_on_main`.
+    """
+    from edkm.shard.fsdp import full_state_dict
+
+    state = full_state_dict(model)
+    return state if is_main_process() else None
+
+
+def rebuild_on_main(state: dict[str, torch.Tensor], recipe: Any) -> nn.Module:
+    """The model rebuilt as the recipe builds it (loaded and palettized the same way), holding
+    ``state`` (from :func:`gather_to_main`), on the training device: what follows (evaluation,
     finalize, LUT fine-tuning, export) runs there as in a single-process run.
     """
     import edkm
     from edkm.io.models import load_model
     from edkm.nn.palettize import set_tau_scale
-    from edkm.shard.fsdp import full_state_dict
     from edkm.train.loop import tau_scale, training_device
 
-    state = full_state_dict(model)
-    main = is_main_process()
-    leave_group()
-    if not main:
-        return None
     full, _ = load_model(recipe.model, dtype=getattr(torch, recipe.train.weights_dtype))
     edkm.palettize_(full, recipe.dkm)
     full.load_state_dict(state, strict=True)

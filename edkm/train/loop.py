@@ -209,7 +209,9 @@ def bf16_supported(device: torch.device) -> bool:
 
     A CPU without native bf16 (AVX2 only, no AVX-512) emulates it: there a bf16 matmul is
     several times slower than an fp32 one (5.5x measured on a 2-core AVX2 machine), so
-    training stays in fp32.
+    training stays in fp32. A CPU whose kernels are capped below AVX-512 (PyTorch's
+    ``ATEN_CPU_CAPABILITY=avx2`` or ``default``) counts as one without native bf16 too: its bf16
+    kernels are the emulated ones.
 
     Example:
         >>> isinstance(bf16_supported(torch.device("cpu")), bool)
@@ -218,8 +220,22 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            return False
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return True
+
+
+def training_precision(device: torch.device, cfg: TrainConfig) -> str:
+    """How a training step on ``device`` computes: ``"bf16 autocast"`` or the weights' dtype.
+
+    Example:
+        >>> training_precision(torch.device("cpu"), TrainConfig(autocast="off"))
+        'float32'
+    """
+    if cfg.autocast != "off" and bf16_supported(device):
+        return "bf16 autocast"
+    return cfg.weights_dtype
 
 
 def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:

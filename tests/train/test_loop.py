@@ -2,6 +2,10 @@ import dataclasses
 import itertools
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,6 +126,25 @@ def test_bf16_autocast_only_where_the_device_runs_bf16(monkeypatch, native):
     assert y.dtype == (torch.bfloat16 if native else torch.float32)
     with train_mod._autocast(cpu, TrainConfig(autocast="off")):
         assert torch.nn.functional.linear(x, torch.randn(3, 8)).dtype == torch.float32
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 capability")
+def test_kernels_capped_at_avx2_count_as_no_native_bf16():
+    """``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own cap) makes training stay in fp32."""
+    code = (
+        "import torch; from edkm.train.loop import bf16_supported; "
+        "print(torch.backends.cpu.get_cpu_capability(), bf16_supported(torch.device('cpu')))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["AVX2", "False"]
 
 
 def test_offloaded_training_is_exact_and_the_hooks_go_away(tmp_path):
