@@ -35,11 +35,10 @@ from typing import Any
 
 import torch
 
-# the repository root, not this folder, on the path (benchmarks/kernels.py would shadow the
-# ``kernels`` package transformers imports)
+# run as a script, the repository root comes first on the path (so `benchmarks._common` imports
+# without PYTHONPATH) and this folder is dropped (its modules must not shadow installed packages)
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from benchmarks._common import (  # noqa: E402
     RESULTS,

@@ -10,10 +10,14 @@ import argparse
 import json
 import textwrap
 import time
-from pathlib import Path
-from typing import Any
 
-from edkm.cli.main import DATA_HELP, TEXT_COLUMN_HELP
+from edkm.cli.prepass_args import (
+    PrepassRun,
+    add_calibration_arguments,
+    add_output_arguments,
+    check_at_least,
+    check_out,
+)
 from edkm.errors import InputError
 
 _EPILOG = """\
@@ -88,19 +92,7 @@ def build_prune(sub: argparse._SubParsersAction) -> None:
         default="both",
         help="which group kinds to prune (default: %(default)s)",
     )
-    p.add_argument(
-        "--calib", default="default", metavar="DATA", help=f"calibration text: {DATA_HELP}"
-    )
-    p.add_argument("--text-column", default="text", metavar="COLUMN", help=TEXT_COLUMN_HELP)
-    p.add_argument(
-        "--calib-blocks",
-        type=int,
-        default=32,
-        help="calibration blocks for the importance (default: %(default)s)",
-    )
-    p.add_argument(
-        "--calib-seq-len", type=int, default=256, help="tokens per block (default: %(default)s)"
-    )
+    add_calibration_arguments(p, blocks=32, blocks_help="calibration blocks for the importance")
     p.add_argument(
         "--recovery-steps",
         type=int,
@@ -115,24 +107,13 @@ def build_prune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recovery-lr", type=float, default=2e-4, help="LoRA learning rate")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="dtype of the model while pruning and of the weights saved",
+    add_output_arguments(
+        p,
+        what="pruned",
+        dtype_help="dtype of the model while pruning and of the weights saved",
+        eval_help="before, after pruning and after recovery",
+        seed_help="seed (random importance, LoRA)",
     )
-    p.add_argument(
-        "--eval-windows",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also score the first N held-out windows of 512 tokens before, after pruning and "
-        "after recovery (0: skip)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed (random importance, LoRA)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace a pruned folder in OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_prune)
 
 
@@ -159,21 +140,6 @@ def parse_ratio(text: str) -> float:
     return value
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    from edkm.prepass import is_structured_dir
-
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path '{out}' exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"output folder '{out}' is not empty (pass --overwrite to replace it)")
-        if not is_structured_dir(out):
-            raise InputError(
-                f"output folder '{out}' holds files that are not a pre-passed model; refusing "
-                "to replace it with --overwrite (choose another --out)"
-            )
-
-
 def _num_blocks(spec: str) -> int | None:
     """Block count from a model folder's config.json (None when it cannot be read cheaply)."""
     from edkm.io.models import resolve_model_path
@@ -189,55 +155,35 @@ def run_prune(args: argparse.Namespace) -> int:
     """Execute ``edkm prune``; returns the exit status."""
     import torch
 
-    from edkm.eval.perplexity import eval_blocks, perplexity_of_blocks
-    from edkm.io.data import load_split, token_blocks, tokenize
     from edkm.io.loading import load_any_model
     from edkm.prepass import manifests_of, save_structured
     from edkm.prepass.prune import parameter_count, parse_layers, prune_model
     from edkm.prepass.prune_recover import lora_recover
 
-    for name, value, least in (
-        ("--calib-blocks", args.calib_blocks, 1),
-        ("--calib-seq-len", args.calib_seq_len, 2),
-        ("--recovery-steps", args.recovery_steps, 0),
-        ("--recovery-blocks", args.recovery_blocks, 1),
-        ("--lora-rank", args.lora_rank, 1),
-        ("--eval-windows", args.eval_windows, 0),
-    ):
-        if value < least:
-            raise InputError(f"{name} must be at least {least}, got {value}")
+    check_at_least(
+        [
+            ("--calib-blocks", args.calib_blocks, 1),
+            ("--calib-seq-len", args.calib_seq_len, 2),
+            ("--recovery-steps", args.recovery_steps, 0),
+            ("--recovery-blocks", args.recovery_blocks, 1),
+            ("--lora-rank", args.lora_rank, 1),
+            ("--eval-windows", args.eval_windows, 0),
+        ]
+    )
     if not args.recovery_lr > 0:
         raise InputError(f"--recovery-lr must be positive, got {args.recovery_lr}")
     ratio = parse_ratio(args.ratio)
     blocks_before = _num_blocks(args.model)
     if blocks_before is not None:  # a bad range fails before the model loads
         parse_layers(args.layers, blocks_before)
-    _check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, "pre-passed")
     t0 = time.perf_counter()
     model, tokenizer = load_any_model(args.model, dtype=getattr(torch, args.dtype))
-    split = load_split(args.calib, text_column=args.text_column)
-    train = token_blocks(
-        tokenize(tokenizer, split.train_text), args.calib_seq_len, what="the calibration text"
-    )
-    calib = train[: args.calib_blocks]
-    windows = None
-    result: dict[str, Any] = {}
-    show = not args.quiet
-
-    def measure(label: str) -> None:
-        if windows is not None:
-            result[f"{label}_ppl"] = perplexity_of_blocks(
-                model, windows, desc=label, show_progress=show
-            ).ppl
-
-    if args.eval_windows:
-        windows = eval_blocks(
-            tokenizer, split.eval_text, seq_len=512, max_windows=args.eval_windows
-        )
-        measure("dense")
+    run = PrepassRun(args, tokenizer)
+    run.measure(model, "dense")
     manifest = prune_model(
         model,
-        calib,
+        run.calib,
         ratio,
         importance=args.importance,
         level=args.level,
@@ -245,25 +191,25 @@ def run_prune(args: argparse.Namespace) -> int:
         layers=args.layers,
         scope=args.scope,
         seed=args.seed,
-        show_progress=show,
+        show_progress=run.show,
     )
-    measure("pruned")
+    run.measure(model, "pruned")
     if args.recovery_steps:
         model, info = lora_recover(
             model,
-            train[: args.recovery_blocks],
+            run.train[: args.recovery_blocks],
             steps=args.recovery_steps,
             lr=args.recovery_lr,
             rank=args.lora_rank,
             seed=args.seed,
-            show_progress=show,
+            show_progress=run.show,
         )
         manifest["recovery"] = info
-        measure("recovered")
+        run.measure(model, "recovered")
     save_structured(model, args.out, manifests_of(model), tokenizer=tokenizer)
     before, after = manifest["params_before"], parameter_count(model)
     w = manifest["widths"]
-    print(
+    run.finish(
         f"pruned {args.model} ({args.importance}, ratio {ratio:g}, blocks {args.layers}): "
         f"heads {min(x['heads'] for x in w)}..{max(x['heads'] for x in w)}, MLP "
         f"{min(x['intermediate'] for x in w)}..{max(x['intermediate'] for x in w)}, "
@@ -275,7 +221,4 @@ def run_prune(args: argparse.Namespace) -> int:
         )
         + f", {time.perf_counter() - t0:.0f} s"
     )
-    if result:
-        print(json.dumps({k: round(v, 4) for k, v in result.items()}))
-    print(f"saved: {args.out}")
     return 0

@@ -7,13 +7,16 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 import time
-from pathlib import Path
-from typing import Any
 
-from edkm.cli.main import DATA_HELP, TEXT_COLUMN_HELP
+from edkm.cli.prepass_args import (
+    PrepassRun,
+    add_calibration_arguments,
+    add_output_arguments,
+    check_at_least,
+    check_out,
+)
 from edkm.errors import InputError
 
 _EPILOG = """\
@@ -78,16 +81,7 @@ def build_slice(sub: argparse._SubParsersAction) -> None:
         help="share of the hidden size to delete, in [0, 1) (0 rotates only); a comma-separated "
         "list gives one per layer (the embedding takes the first layer's, the head the last's)",
     )
-    p.add_argument(
-        "--calib", default="default", metavar="DATA", help=f"calibration text: {DATA_HELP}"
-    )
-    p.add_argument("--text-column", default="text", metavar="COLUMN", help=TEXT_COLUMN_HELP)
-    p.add_argument(
-        "--calib-blocks", type=int, default=128, help="calibration blocks (default: %(default)s)"
-    )
-    p.add_argument(
-        "--calib-seq-len", type=int, default=256, help="tokens per block (default: %(default)s)"
-    )
+    add_calibration_arguments(p, blocks=128, blocks_help="calibration blocks")
     p.add_argument(
         "--round-to",
         type=int,
@@ -101,93 +95,52 @@ def build_slice(sub: argparse._SubParsersAction) -> None:
         default="pca",
         help="'pca' (SliceGPT) or 'none' (keep the first channels unrotated: a baseline)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="dtype of the weights saved (the rotation math runs in float64 either way)",
+    add_output_arguments(
+        p,
+        what="sliced",
+        dtype_help="dtype of the weights saved (the rotation math runs in float64 either way)",
+        eval_help="before and after",
+        seed_help="seed (random rotations only)",
     )
-    p.add_argument(
-        "--eval-windows",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also score the first N held-out windows of 512 tokens before and after (0: skip)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed (random rotations only)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace a sliced folder in OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_slice)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    from edkm.prepass import is_structured_dir
-
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path '{out}' exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"output folder '{out}' is not empty (pass --overwrite to replace it)")
-        if not is_structured_dir(out):
-            raise InputError(
-                f"output folder '{out}' holds files that are not a sliced model; refusing to "
-                "replace it with --overwrite (choose another --out)"
-            )
 
 
 def run_slice(args: argparse.Namespace) -> int:
     """Execute ``edkm slice``; returns the exit status."""
     import torch
 
-    from edkm.eval.perplexity import eval_blocks, perplexity_of_blocks
-    from edkm.io.data import load_split, token_blocks, tokenize
     from edkm.io.models import load_model
     from edkm.prepass import save_structured
     from edkm.prepass.slicegpt import parameter_count, slice_model
 
-    for name, value, least in (
-        ("--calib-blocks", args.calib_blocks, 1),
-        ("--calib-seq-len", args.calib_seq_len, 2),
-        ("--round-to", args.round_to, 1),
-        ("--eval-windows", args.eval_windows, 0),
-    ):
-        if value < least:
-            raise InputError(f"{name} must be at least {least}, got {value}")
+    check_at_least(
+        [
+            ("--calib-blocks", args.calib_blocks, 1),
+            ("--calib-seq-len", args.calib_seq_len, 2),
+            ("--round-to", args.round_to, 1),
+            ("--eval-windows", args.eval_windows, 0),
+        ]
+    )
     sparsity = parse_sparsity(args.sparsity)
-    _check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, "sliced")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    split = load_split(args.calib, text_column=args.text_column)
-    calib = token_blocks(
-        tokenize(tokenizer, split.train_text), args.calib_seq_len, what="the calibration text"
-    )[: args.calib_blocks]
-    windows = None
-    result: dict[str, Any] = {}
-    if args.eval_windows:
-        windows = eval_blocks(
-            tokenizer, split.eval_text, seq_len=512, max_windows=args.eval_windows
-        )
-        result["dense_ppl"] = perplexity_of_blocks(
-            model, windows, desc="dense", show_progress=not args.quiet
-        ).ppl
+    run = PrepassRun(args, tokenizer)
+    run.measure(model, "dense")
     manifest = slice_model(
         model,
-        calib,
+        run.calib,
         sparsity,
         round_to=args.round_to,
         rotation=args.rotation,
         seed=args.seed,
-        show_progress=not args.quiet,
+        show_progress=run.show,
     )
-    if windows is not None:
-        result["sliced_ppl"] = perplexity_of_blocks(
-            model, windows, desc="sliced", show_progress=not args.quiet
-        ).ppl
+    run.measure(model, "sliced")
     save_structured(model, args.out, [manifest], tokenizer=tokenizer)
     before, after = manifest["params_before"], parameter_count(model)
     dims = manifest["dims"]
-    print(
+    run.finish(
         f"sliced {args.model}: residual width {manifest['hidden_size']} -> {min(dims)}"
         + (f"..{max(dims)}" if min(dims) != max(dims) else "")
         + f", parameters {before:,} -> {after:,} ({after / before:.3f}x"
@@ -199,7 +152,4 @@ def run_slice(args: argparse.Namespace) -> int:
         + f"), {manifest['calibration']['blocks']} calibration blocks x "
         f"{manifest['calibration']['seq_len']} tokens, {time.perf_counter() - t0:.0f} s"
     )
-    if result:
-        print(json.dumps({k: round(v, 4) for k, v in result.items()}))
-    print(f"saved: {args.out}")
     return 0
