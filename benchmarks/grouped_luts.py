@@ -13,7 +13,9 @@ Two parts, one run:
    the compress report's baseline) per tensor and with each listed group size, at
    ``--ppl-bits``, on the first ``--max-windows`` held-out windows (``edkm.eval.perplexity``'s
    protocol); bits per weight there are the baseline's own count from the LUT and index
-   tensors it produced, which must equal part 1's figure.
+   tensors it produced, which must equal part 1's figure. With ``--peer``, coremltools'
+   sensitive k-means (``edkm.eval.peer.skm_``, data-aware: the report's ``eval.peer: skm``)
+   at the same bits and layouts too, on ``--peer-blocks`` training blocks of 256 tokens.
 
 Writes ``benchmarks/results/grouped_luts.json`` and ``grouped_luts.md``.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -84,8 +87,9 @@ def _config(bits: int, gs: int | None) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from edkm.eval.baselines import kmeans_
+    from edkm.eval.peer import skm_
     from edkm.eval.perplexity import eval_blocks, perplexity_of_blocks
-    from edkm.io.data import load_split
+    from edkm.io.data import load_split, token_blocks, tokenize
     from edkm.io.models import load_model
     from edkm.nn.palettize import select_layers
 
@@ -98,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--ppl-bits", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=512, help="evaluation window")
     p.add_argument("--max-windows", type=int, default=8, help="held-out windows scored")
+    p.add_argument("--peer", action="store_true", help="also sensitive k-means (coremltools)")
+    p.add_argument("--peer-blocks", type=int, default=16, help="its calibration blocks")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--out", type=Path, default=RESULTS / "grouped_luts.json")
     args = p.parse_args(argv)
@@ -141,21 +147,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             {"part": "ppl", "row": "dense (fp32)", "ppl": dense, "bits_per_weight": 32.0, **evals}
         )
         print(f"dense: ppl {dense:.2f}", flush=True)
-        for gs in ppl_groups:
+        methods: dict[str, Any] = {"k-means": kmeans_}
+        if args.peer:
+            calib = token_blocks(tokenize(tokenizer, split.train_text), 256)[: args.peer_blocks]
+            methods["sensitive k-means (coremltools)"] = lambda m, b, config: skm_(
+                m, calib, b, config=config
+            )
+        for gs, (method, quantize) in itertools.product(ppl_groups, methods.items()):
             quantized = copy.deepcopy(model)
             t0 = time.perf_counter()
-            summary = kmeans_(quantized, args.ppl_bits, config=_config(args.ppl_bits, gs))
-            kmeans_s = time.perf_counter() - t0
+            summary = quantize(quantized, args.ppl_bits, config=_config(args.ppl_bits, gs))
+            quantize_s = time.perf_counter() - t0
             row = {
                 "part": "ppl",
-                "row": f"k-means {args.ppl_bits}-bit, "
+                "row": f"{method} {args.ppl_bits}-bit, "
                 + ("per tensor" if gs is None else f"LUTs of {gs} output channels"),
                 "bits": args.ppl_bits,
                 "group_size": gs,
                 "ppl": ppl(quantized, str(gs)),
                 "bits_per_weight": summary.bits_per_weight,
                 "weight_rel_error": summary.weight_rel_error,
-                "kmeans_s": round(kmeans_s, 1),
+                "quantize_s": round(quantize_s, 1),
                 **evals,
                 **setup,
             }
@@ -203,10 +215,11 @@ def _write_markdown(
         w = ppl_rows[0]
         md += [
             "",
-            f"Post-training k-means (edkm.eval.baselines.kmeans_), perplexity on the first "
+            f"Post-training k-means (edkm.eval.baselines.kmeans_; sensitive k-means: "
+            f"edkm.eval.peer.skm_), perplexity on the first "
             f"{w['windows']} held-out windows x {w['seq_len']} tokens:",
             "",
-            "| model | perplexity | x dense | bits/weight | relative weight error | k-means s |",
+            "| model | perplexity | x dense | bits/weight | relative weight error | quantize s |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for r in ppl_rows:
@@ -214,7 +227,7 @@ def _write_markdown(
             md.append(
                 f"| {r['row']} | {r['ppl']:.2f} | {r['ppl'] / w['ppl']:.2f} | "
                 f"{r['bits_per_weight']:.4f} | {'' if err is None else f'{err:.4e}'} | "
-                f"{r.get('kmeans_s', '')} |"
+                f"{r.get('quantize_s', r.get('kmeans_s', ''))} |"
             )
     md += [
         "",

@@ -153,6 +153,7 @@ def _baselines(
     *,
     dense: dict[str, Any] | None = None,
     stages: dict[str, Any] | None = None,
+    calib: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the original model and of each post-training baseline (cached on disk).
 
@@ -163,6 +164,7 @@ def _baselines(
 
     Each baseline quantizes the selected weights in place and is measured; the original
     weights are then copied back from a host copy of those weights alone (no second model).
+    ``calib`` (training blocks) feeds the data-aware peer (``recipe.eval.peer``).
     """
     from edkm.eval.baselines import kmeans_, rtn_
     from edkm.nn.palettize import select_layers
@@ -184,15 +186,24 @@ def _baselines(
             **(stages or {}),
             "prepass": {**row, "params": parameter_count(model)},
         }
+    gs = recipe.dkm.group_size
+    # k-means and the peer use the recipe's LUT layout (per tensor, or LUTs of gs channels)
+    scope = "per_tensor" if gs is None else f"lut_groups_of_{gs}"
+    runs: dict[str, Any] = {}
     if recipe.eval.baselines:
-        gs = recipe.dkm.group_size
-        # k-means uses the recipe's LUT layout (per tensor, or LUTs of gs output channels)
-        kmeans_scope = "per_tensor" if gs is None else f"lut_groups_of_{gs}"
         runs = {
             f"rtn_{bits}bit_per_tensor": lambda m: rtn_(m, bits, config=recipe.dkm),
             f"rtn_{bits}bit_group128": lambda m: rtn_(m, bits, group_size=128, config=recipe.dkm),
-            f"kmeans_{bits}bit_{kmeans_scope}": lambda m: kmeans_(m, bits, config=recipe.dkm),
+            f"kmeans_{bits}bit_{scope}": lambda m: kmeans_(m, bits, config=recipe.dkm),
         }
+    if recipe.eval.peer == "skm":
+        from edkm.eval.peer import skm_
+
+        if calib is None:
+            raise ValueError("the sensitive k-means peer needs calibration blocks")
+        blocks = calib[: recipe.eval.peer_calib_blocks]
+        runs[f"skm_{bits}bit_{scope}"] = lambda m: skm_(m, blocks, bits, config=recipe.dkm)
+    if runs:
         saved = [w.detach().to("cpu", copy=True) for w in weights]
         for name, apply in runs.items():
             try:
@@ -304,6 +315,11 @@ def compress(
 
     out = Path(out)
     t_start = time.perf_counter()
+    if recipe.eval.peer == "skm":
+        from edkm.eval.peer import skm_available
+
+        if not skm_available():  # before anything loads
+            raise InputError("eval.peer: skm needs coremltools: pip install edkm[coreml]")
     # under torchrun / accelerate launch every rank runs this function; rank 0 alone writes the
     # folder and measures, the ranks train together (edkm.shard), rank 0 finalizes
     launch = start_group(recipe.train.device)
@@ -351,7 +367,9 @@ def compress(
         }
     t_phase = time.perf_counter()
     results = (
-        _baselines(model, eval_ids, recipe, out, show_progress, dense=dense, stages=stages)
+        _baselines(
+            model, eval_ids, recipe, out, show_progress, dense=dense, stages=stages, calib=train_ids
+        )
         if main
         else {}
     )

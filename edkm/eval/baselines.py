@@ -46,7 +46,15 @@ from edkm.errors import InputError, check_bits
 from edkm.nn.palette import lut_lookup
 from edkm.nn.palettize import select_layers
 
-__all__ = ["BaselineSummary", "kmeans_", "kmeans_lut", "rtn_", "rtn_weight", "storage_bits"]
+__all__ = [
+    "BaselineSummary",
+    "kmeans_",
+    "kmeans_lut",
+    "quantize_selected_",
+    "rtn_",
+    "rtn_weight",
+    "storage_bits",
+]
 
 
 def storage_bits(
@@ -92,7 +100,7 @@ class BaselineSummary:
         bits = "per-layer" if self.bits is None else str(self.bits)
         if self.group_size is None:
             group = "per tensor"
-        elif self.method.startswith("kmeans"):
+        elif self.method.startswith(("kmeans", "skm")):
             group = f"LUTs of {self.group_size} output channels"
         else:
             group = f"groups of {self.group_size}"
@@ -242,7 +250,7 @@ def _grouped_lloyd(x: torch.Tensor, lut: torch.Tensor, iters: int) -> torch.Tens
     return lut
 
 
-def _apply(
+def quantize_selected_(
     model: nn.Module,
     config: DKMConfig | None,
     method: str,
@@ -250,8 +258,8 @@ def _apply(
     group_size: int | None,
     quantize: Any,
 ) -> BaselineSummary:
-    """Quantize each selected layer with ``quantize(weight, bits, spec) -> (new weight, stored
-    bits)`` in place and sum up the error and storage."""
+    """Quantize each selected layer with ``quantize(weight, bits, spec, name) -> (new weight,
+    stored bits)`` in place and sum up the error and storage."""
     config = DKMConfig() if config is None else config
     err = ref = 0.0
     names: list[str] = []
@@ -262,7 +270,7 @@ def _apply(
             raise InputError(f"layer '{name}': weight has non-finite values (NaN/inf)")
         layer_bits = spec.bits if bits is None else bits
         with torch.no_grad():
-            new, layer_stored = quantize(weight.detach(), layer_bits, spec)
+            new, layer_stored = quantize(weight.detach(), layer_bits, spec, name)
             diff = (new.double() - weight.double()).pow(2).sum()
             err += float(diff)
             ref += float(weight.double().pow(2).sum())
@@ -294,11 +302,11 @@ def rtn_(
         raise InputError(f"group_size must be at least 1, got {group_size!r}")
     method = "rtn" if group_size is None else f"rtn_g{group_size}"
 
-    def quantize(w: torch.Tensor, b: int, spec: Any) -> tuple[torch.Tensor, int]:
+    def quantize(w: torch.Tensor, b: int, spec: Any, name: str) -> tuple[torch.Tensor, int]:
         new, ranges = _rtn(w, b, group_size)
         return new, storage_bits(w.numel(), b, scales=ranges, zeros=ranges)
 
-    return _apply(model, config, method, bits, group_size, quantize)
+    return quantize_selected_(model, config, method, bits, group_size, quantize)
 
 
 def kmeans_(
@@ -321,11 +329,11 @@ def kmeans_(
         raise InputError(f"iters must be at least 1, got {iters}")
     config = DKMConfig() if config is None else config
 
-    def quantize(w: torch.Tensor, b: int, spec: Any) -> tuple[torch.Tensor, int]:
+    def quantize(w: torch.Tensor, b: int, spec: Any, name: str) -> tuple[torch.Tensor, int]:
         lut, idx = kmeans_lut(w, b, group_size=spec.group_size, iters=iters, seed=seed)
         new = lut_lookup(lut, idx, spec.group_size).to(w.dtype)
         return new, storage_bits(idx.numel(), b, lut_entries=lut.numel())
 
     gs = config.group_size
     method = "kmeans" if gs is None else f"kmeans_g{gs}"
-    return _apply(model, config, method, bits, gs, quantize)
+    return quantize_selected_(model, config, method, bits, gs, quantize)

@@ -50,7 +50,11 @@ def _label(key: str) -> str:
     if key in _LABELS:
         return _LABELS[key]
     kind, bits, scope = ([*key.split("_", 2), "", ""])[:3]
-    name = {"rtn": "round-to-nearest", "kmeans": "post-training k-means"}.get(kind, kind)
+    name = {
+        "rtn": "round-to-nearest",
+        "kmeans": "post-training k-means",
+        "skm": "sensitive k-means (coremltools, data-aware)",
+    }.get(kind, kind)
     return f"{name}, {bits.replace('bit', '-bit')}, {scope.replace('_', ' ')}"
 
 

@@ -134,18 +134,24 @@ def build_model(config: Any, recipe: Recipe) -> nn.Module:
     Example:
         >>> m = build_model(cfg, Recipe())  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, recipe.train.weights_dtype)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first
-    try:
-        config._attn_implementation = "sdpa"  # the trainer's (transformers' default)
-        model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = _new_model(config, getattr(torch, recipe.train.weights_dtype))
     model.train()
     palettize_symbolic(model, recipe)
+    return model
+
+
+def _new_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config``, randomly initialised and built in ``dtype`` (no fp32 copy
+    first; under FakeTensorMode a later ``.to(dtype)`` cannot swap the tied embedding)."""
+    from transformers import AutoModelForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        config._attn_implementation = "sdpa"  # the trainer's (transformers' default)
+        model: nn.Module = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model
 
 
@@ -423,9 +429,7 @@ def measure_step(
             model = build_model(config, recipe)
         teacher = None
         if cfg.distill > 0:  # a frozen dense copy, forward only (edkm.train.distill)
-            from transformers import AutoModelForCausalLM
-
-            teacher = AutoModelForCausalLM.from_config(config).to(model.dtype).eval()
+            teacher = _new_model(config, next(model.parameters()).dtype).eval()
             teacher.requires_grad_(False)
         params = trainable_parameters(model, cfg)
         optimizer = build_optimizer(params, cfg, recipe.offload)

@@ -31,6 +31,7 @@ def _recipe(**changes):
             "offload.activations": True,
             "offload.min_bytes": 0,
         },
+        {"train.distill": 1.0},  # a dense teacher beside the model (the tied head included)
     ],
 )
 def test_fake_step_equals_the_real_step_on_the_tiny_model(changes, one_thread):
