@@ -200,6 +200,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 _PHASE_NAMES = {
     "load": "loading",
+    "prepass": "pre-pass",
     "baselines": "original and baselines",
     "dkm_init": "DKM init",
     "train": "training",

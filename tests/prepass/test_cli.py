@@ -104,6 +104,9 @@ def test_compress_with_slicing_end_to_end(tiny, capsys):
     assert manifest["dims"] == [48] * 5  # 0.2 of 64 -> 51.2 -> 48
     assert report["reload_logits_identical"] is True
     assert report["recipe"]["prepass"] == ["slice:0.2"]
+    phases = report["phases_s"]
+    assert list(phases) == ["load", "prepass", "baselines", "dkm_init", "train", "after_training"]
+    assert abs(sum(phases.values()) - report["wall_time_s"]) < 1.0
     md = (out / "report.md").read_text()
     assert "after pre-pass (slice:0.2)" in md and "| parameters |" in md
     assert "slice:0.2 + eDKM hard, reloaded" in md
