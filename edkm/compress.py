@@ -314,7 +314,7 @@ def compress(
     from edkm.shard.train import is_main_process, start_group
 
     out = Path(out)
-    t_start = time.perf_counter()
+    clock = _PhaseClock()
     if recipe.eval.peer == "skm":
         from edkm.eval.peer import skm_available
 
@@ -329,7 +329,7 @@ def compress(
     if main:
         prepare_output(out, recipe, resume=resume, overwrite=overwrite)
     model.to(training_device(recipe.train))  # baselines and evaluations run where training does
-    phases = {"load": time.perf_counter() - t_start}
+    clock.mark("load")
 
     teacher = make_teacher(model) if recipe.train.distill > 0 else None  # the dense model
     if recipe.prepass and launch is not None:
@@ -341,7 +341,6 @@ def compress(
     dense = None
     stages: dict[str, Any] = {}
     if recipe.prepass:
-        t_phase = time.perf_counter()
         cached = _cached_baselines(recipe, out)
         dense = cached["original"] if cached else None
         if dense is None:
@@ -366,8 +365,7 @@ def compress(
             "calib_seq_len": int(train_ids.shape[1]),
             "time_s": round(time.perf_counter() - t_pre, 1),
         }
-        phases["prepass"] = time.perf_counter() - t_phase  # the original's evaluation included
-    t_phase = time.perf_counter()
+        clock.mark("prepass")  # the original's evaluation included
     results = (
         _baselines(
             model, eval_ids, recipe, out, show_progress, dense=dense, stages=stages, calib=train_ids
@@ -375,11 +373,9 @@ def compress(
         if main
         else {}
     )
-    phases["baselines"] = time.perf_counter() - t_phase
-    t_phase = time.perf_counter()
+    clock.mark("baselines")
     summary = edkm.palettize_(model, recipe.dkm)
-    phases["dkm_init"] = time.perf_counter() - t_phase
-    t_phase = time.perf_counter()
+    clock.mark("dkm_init")
     state = train(
         model,
         train_ids,
@@ -390,8 +386,7 @@ def compress(
         teacher=teacher,
         offload=recipe.offload,
     )
-    t_trained = time.perf_counter()
-    phases["train"] = t_trained - t_phase
+    clock.mark("train")
     if launch is not None:
         from edkm.shard.train import gather_to_main, leave_group, rebuild_on_main
 
@@ -436,6 +431,7 @@ def compress(
     if prepass is not None:
         results["edkm_hard_reloaded"]["params"] = parameter_count(reloaded)
 
+    wall_time = clock.mark("after_training")
     report = {
         "format": "edkm-report",
         "version": 1,
@@ -462,20 +458,32 @@ def compress(
             "train_time_s": round(lut_state.elapsed_s, 1),
         },
         "eval": {"windows": int(eval_ids.shape[0]), "seq_len": int(eval_ids.shape[1])},
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
-        "post_train_time_s": round(time.perf_counter() - t_trained, 1),
+        "wall_time_s": round(wall_time, 1),
+        "post_train_time_s": round(clock.phases["after_training"], 1),
         # where the run's time went (seconds); after_training: evaluations, finalize, LUT
         # fine-tuning, export and reload
-        "phases_s": {
-            **{name: round(value, 1) for name, value in phases.items()},
-            "after_training": round(time.perf_counter() - t_trained, 1),
-        },
+        "phases_s": {name: round(value, 1) for name, value in clock.phases.items()},
         "memory": _peak_memory(),
         "torch": torch.__version__,
         "device": str(device),
     }
     write_report(report, out)
     return report
+
+
+class _PhaseClock:
+    """Contiguous timings of the job: each :meth:`mark` closes the phase since the last one."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> float:
+        """Record phase ``name`` (seconds since the previous mark); returns the time so far."""
+        now = time.perf_counter()
+        self.phases[name] = now - self._last
+        self._last = now
+        return now - self.start
 
 
 def _as_plain(summary: Any) -> Any:
