@@ -247,14 +247,21 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def subprocess_peak_rss(fn: Callable[..., object], *args: Any, timeout: float = 3600.0) -> Record:
+def subprocess_peak_rss(
+    fn: Callable[..., object],
+    *args: Any,
+    timeout: float = 3600.0,
+    env: dict[str, str] | None = None,
+) -> Record:
     """Peak RSS growth (bytes) of one run in a fresh ``spawn``-ed interpreter (Linux).
 
     ``fn(*args)`` runs in the child and does the setup (build inputs, warm up); it must return
     a zero-argument callable, the measured run. The result is the child's peak RSS during the
     run minus its RSS just before it: the kernel's peak mark is reset before the run (Linux
     ``clear_refs``; ``peak_reset`` says whether that worked — if not, the lifetime peak is used,
-    which includes the setup). ``fn`` must be importable (a module-level function).
+    which includes the setup). ``fn`` must be importable (a module-level function). ``env``
+    adds environment variables to the child's (read at its start, e.g. glibc's
+    ``MALLOC_MMAP_THRESHOLD_``).
 
     Example:
         >>> subprocess_peak_rss(_demo_setup, 1 << 22)["peak_rss_delta"] > 8 << 20  # doctest: +SKIP
@@ -263,7 +270,13 @@ def subprocess_peak_rss(fn: Callable[..., object], *args: Any, timeout: float = 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_rss_child, args=(child, fn, args))
-    proc.start()
+    saved = dict(os.environ)
+    os.environ.update(env or {})  # a spawned child starts with the parent's environment
+    try:
+        proc.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     child.close()
     if not parent.poll(timeout):
         proc.kill()

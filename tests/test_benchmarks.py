@@ -1,8 +1,9 @@
-"""The DKM layer benchmark runs end to end at a tiny size and measures what it says."""
+"""The benchmarks run end to end at a tiny size and measure what they say."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -64,3 +65,24 @@ def test_ablation_measures_the_shipped_layer_through_the_trainers_offload(tmp_pa
     assert all(fake["offload"][k] == real["offload"][k] for k in moved)
     assert real["offload"]["copies_avoided"] > 0  # views of one storage share a host copy
     assert (tmp_path / "ablation_real.md").is_file()
+
+
+def _ones_from_env(var: str):
+    """Setup for the RSS child: the run allocates as many fp32 elements as ``var`` says."""
+    import torch
+
+    n = int(os.environ.get(var, "0"))
+    return lambda: torch.ones(n) * 2
+
+
+def test_subprocess_peak_rss_gives_the_child_its_environment():
+    from benchmarks._common import subprocess_peak_rss
+
+    var = "EDKM_TEST_RSS_ELEMENTS"
+    before = dict(os.environ)
+    with_env = subprocess_peak_rss(_ones_from_env, var, env={var: str(16 << 20)}, timeout=120)
+    without = subprocess_peak_rss(_ones_from_env, var, timeout=120)
+    assert dict(os.environ) == before  # the parent's environment is left as it was
+    # two 64 MiB tensors at once in the child given the variable, nothing without it
+    assert with_env["peak_rss_delta"] > 100 << 20
+    assert without["peak_rss_delta"] < 32 << 20
