@@ -48,6 +48,7 @@ from edkm.eval.report import host_memory, palettized_bits_per_weight, write_repo
 from edkm.io import atomic
 from edkm.io.data import TextSplit, load_documents, split_documents, token_blocks, tokenize
 from edkm.io.models import load_model
+from edkm.train.checkpoint import checkpoint_step, latest_checkpoint
 from edkm.train.distill import make_teacher
 from edkm.train.loop import (
     offload_summary,
@@ -376,6 +377,8 @@ def compress(
     clock.mark("baselines")
     summary = edkm.palettize_(model, recipe.dkm)
     clock.mark("dkm_init")
+    resumed = latest_checkpoint(out) if resume else None
+    resumed_from_step = checkpoint_step(resumed) if resumed is not None else 0
     state = train(
         model,
         train_ids,
@@ -446,6 +449,8 @@ def compress(
             "tokens_seen": state.tokens_seen,
             "train_blocks": int(train_ids.shape[0]),
             "train_time_s": round(state.elapsed_s, 1),
+            # > 0 when this invocation resumed a run: the time figures below are its own
+            "resumed_from_step": resumed_from_step,
             "precision": training_precision(device, recipe.train),
             # marshaling counters summed over the steps (None when recipe.offload is off)
             "offload": offload_summary(read_log(out)),

@@ -182,9 +182,13 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tiny):
     b = load_file(str(whole / "checkpoints" / "step-00000006" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ra = json.loads((stopped / "report.json").read_text())["results"]
-    rb = json.loads((whole / "report.json").read_text())["results"]
-    assert ra == rb  # the soft row too: a resumed run evaluates at the final temperature
+    ra = json.loads((stopped / "report.json").read_text())
+    rb = json.loads((whole / "report.json").read_text())
+    assert ra["results"] == rb["results"]  # the soft row too: evaluated at the final temperature
+    # the resumed invocation's time figures are its own, and the report says so
+    assert (ra["train"]["resumed_from_step"], rb["train"]["resumed_from_step"]) == (3, 0)
+    assert "resumed after step 3 (its time only)" in (stopped / "report.md").read_text()
+    assert "Whole run: " in (whole / "report.md").read_text()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

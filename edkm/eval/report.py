@@ -189,7 +189,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         + _distill_note(recipe)
         + ". "
         + _lut_note(report)
-        + f"Whole run: {report['wall_time_s']:.0f} s on {report['device']} "
+        + _run_label(train)
+        + f"{report['wall_time_s']:.0f} s on {report['device']} "
         f"(torch {report['torch']}{_precision_note(train)})" + _phases_note(report) + ".",
         "",
         *_memory_rows(mem),
@@ -206,6 +207,13 @@ _PHASE_NAMES = {
     "train": "training",
     "after_training": "evaluation, finalize and export",
 }
+
+
+def _run_label(train: dict[str, Any]) -> str:
+    step = train.get("resumed_from_step", 0)  # reports written before it was recorded lack it
+    if step:
+        return f"This invocation, resumed after step {step} (its time only): "
+    return "Whole run: "
 
 
 def _precision_note(train: dict[str, Any]) -> str:

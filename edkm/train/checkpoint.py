@@ -125,6 +125,24 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return path
 
 
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The training step a checkpoint folder holds, from its name (``step-00000150``).
+
+    Plain and sharded checkpoints are named the same way.
+
+    Example:
+        >>> checkpoint_step("runs/demo/checkpoints/step-00000150")
+        150
+    """
+    name = Path(path).name
+    prefix, _, digits = name.partition("-")
+    if prefix != "step" or not digits.isdigit():
+        raise InputError(
+            f"'{path}' is not a checkpoint folder (expected a name like step-00000150)"
+        )
+    return int(digits)
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
