@@ -17,6 +17,10 @@ forward runs under one :class:`edkm.offload.SavedTensorOffload` (:func:`offload_
 and each step's log record holds that step's offload counters under ``"offload"``
 (:func:`offload_summary` adds them up over a run).
 
+On a CPU, each record also holds ``cpu_share``, the share of its threads' time the step got
+(:func:`cpu_share`); the trainer warns once when a step gets under 0.6 of it, i.e. when another
+process competes for the cores (on two cores that made steps 6x slower, docs/quality.md).
+
 Memory switches (what ``edkm plan`` recommends): ``train.activation_checkpointing`` recomputes
 each decoder layer in backward (:func:`activation_checkpointing`); ``offload.activations`` puts
 every decoder layer's saved tensors in host memory (:func:`offload_decoder_layers`, counters
@@ -36,6 +40,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -484,6 +489,7 @@ def train(
     sigterm_at = int(os.environ.get(_SIGTERM_AT_ENV, "-1"))
     model.train()
     start_wall = time.perf_counter() - state.elapsed_s
+    cpu_warned = False
     with (
         _SignalFlag() as flag,
         log_path.open("a") as log,
@@ -512,6 +518,8 @@ def train(
                 }
             state.elapsed_s = time.perf_counter() - start_wall
             record["elapsed_s"] = round(state.elapsed_s, 3)
+            if sharded is None and not cpu_warned:  # ranks sharing a CPU wait on each other
+                cpu_warned = warn_if_cpu_contended(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(1)
@@ -553,7 +561,7 @@ def _train_step(
     accelerator: Any,
     teacher: torch.nn.Module | None,
 ) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     scale = tau_scale(state.step, cfg)
     set_tau_scale(model, scale)
     idx = block_indices(state.step, cfg, blocks.shape[0])
@@ -610,7 +618,54 @@ def _train_step(
     if teacher is not None:
         record["ce"] = round(total_ce, 6)
         record["kd"] = round(total_kd, 6)
+    if accelerator.device.type == "cpu":
+        record["cpu_share"] = round(cpu_share(time.process_time() - cpu0, dt), 3)
     return record
+
+
+def cpu_share(cpu_s: float, wall_s: float, threads: int | None = None) -> float:
+    """The share of its cores' time a CPU step got: process CPU seconds / (wall x threads).
+
+    ``threads`` defaults to PyTorch's intra-op threads, capped by the cores this process may
+    run on. A step alone on its cores gets close to 1 (OpenMP threads spin while they wait);
+    one that shares them with another busy process gets about its share or less, and such a
+    step can take several times as long (measured: 140-190 s against 24-27 s alone, see
+    docs/quality.md), hence :func:`warn_if_cpu_contended`.
+
+    Example:
+        >>> cpu_share(cpu_s=30.0, wall_s=20.0, threads=2)
+        0.75
+    """
+    if threads is None:
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux; macOS and Windows lack it
+        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+        threads = min(torch.get_num_threads(), cores)
+    return cpu_s / max(wall_s * threads, 1e-9)
+
+
+CONTENDED_CPU_SHARE = 0.6  # below it, a CPU step is taken to be competing for its cores
+
+
+def warn_if_cpu_contended(record: dict[str, Any]) -> bool:
+    """Warn when a CPU step's ``cpu_share`` shows another process competing for the cores.
+
+    Returns whether it warned (the trainer warns once a run).
+
+    Example:
+        >>> warn_if_cpu_contended({"step": 3, "cpu_share": 0.95})
+        False
+    """
+    share = record.get("cpu_share")
+    if share is None or share >= CONTENDED_CPU_SHARE:
+        return False
+    warnings.warn(
+        f"edkm: training step {record['step']} got {share:.0%} of its CPU threads' time: "
+        "another process is competing for the cores, and a CPU run sharing them can be "
+        "several times slower than one alone (the log's cpu_share, every step)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def _chunks(idx: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

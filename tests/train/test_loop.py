@@ -91,6 +91,27 @@ def test_training_lowers_the_loss_and_logs_every_step(tmp_path):
     assert all(math.isfinite(r["grad_norm"]) for r in log)
 
 
+def test_cpu_steps_log_their_share_of_the_cores_and_warn_once_when_starved(
+    tmp_path, monkeypatch, recwarn
+):
+    import edkm.train.loop as loop
+
+    cfg = dataclasses.replace(CFG, steps=3, checkpoint_every=100)
+    train(_palettized(), _blocks(), cfg, run_dir=tmp_path / "real", show_progress=False)
+    log = read_log(tmp_path / "real")
+    assert all(0 < r["cpu_share"] < 4 for r in log)  # a ratio of times, not a constant
+    assert loop.cpu_share(cpu_s=3.0, wall_s=2.0, threads=2) == 0.75
+    assert not loop.warn_if_cpu_contended({"step": 1, "cpu_share": 0.9})
+    assert not loop.warn_if_cpu_contended({"step": 1})  # a GPU step has no share
+    recwarn.clear()  # whether that run was starved depends on this machine's other load
+    # every step starved: one warning for the run, naming the first starved step
+    monkeypatch.setattr(loop, "cpu_share", lambda cpu_s, wall_s: 0.3)
+    train(_palettized(), _blocks(), cfg, run_dir=tmp_path / "shared", show_progress=False)
+    starved = [w for w in recwarn if "competing for the cores" in str(w.message)]
+    assert len(starved) == 1 and "training step 1 got 30%" in str(starved[0].message)
+    assert [r["cpu_share"] for r in read_log(tmp_path / "shared")] == [0.3] * 3
+
+
 def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch):
     blocks = _blocks()
     full = _palettized()
