@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| row | median step (s) | vs plain | palettize_ (s) |")
     print("|---|---:|---:|---:|")
     print(f"| plain step (no DKM) | {med['plain']:.3f} | 1.00 | |")
-    for name in layouts:
-        what = "per tensor" if name == "dkm" else f"LUTs of {name[5:]} output channels"
+    for name, layout in layouts.items():
+        what = f"LUTs of {layout['group_size']} output channels" if layout else "per tensor"
         print(
             f"| DKM on {summary.num_layers} layers, {args.bits} bits, {what} | {med[name]:.3f} | "
             f"{med[name] / med['plain']:.2f} | {palettize_s[name]:.1f} |"
