@@ -225,7 +225,10 @@ def _phases_note(report: dict[str, Any]) -> str:
     phases = report.get("phases_s")
     if not phases:
         return ""
-    parts = [f"{_PHASE_NAMES.get(name, name)} {value:.0f} s" for name, value in phases.items()]
+    names = dict(_PHASE_NAMES)
+    if report.get("lut_tune"):  # the LUT phase runs between the evaluations, in the same phase
+        names["after_training"] = "evaluation, LUT fine-tuning, finalize and export"
+    parts = [f"{names.get(name, name)} {value:.0f} s" for name, value in phases.items()]
     return ": " + ", ".join(parts)
 
 

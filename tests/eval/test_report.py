@@ -45,6 +45,16 @@ def test_markdown_rows_and_ratios(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_phase_line_names_the_lut_phase_only_when_it_ran():
+    phases = {"load": 1.0, "train": 12.0, "after_training": 17.0}
+    md = render_markdown({**_report(), "phases_s": phases})
+    assert "training 12 s, evaluation, finalize and export 17 s." in md
+    lut = {"steps": 4, "tokens_seen": 64, "train_time_s": 5.0}
+    md = render_markdown({**_report(), "phases_s": phases, "lut_tune": lut})
+    assert "LUT fine-tuning (indices fixed, trainable: all): 4 steps, 64 tokens, 5 s." in md
+    assert "training 12 s, evaluation, LUT fine-tuning, finalize and export 17 s." in md
+
+
 def test_host_memory_figures_match_psutil():
     import psutil
 
